@@ -1,0 +1,61 @@
+#!/usr/bin/env python
+"""Regenerate the README's results section from the DVC metrics in results/*.json (never typed by hand).
+Usage: python scripts/results_table.py [--check]   (--check: exit 1 if README.md is out of date)"""
+import json, subprocess, sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+# (file, title, [(key path, label)]) — a key missing from a file is shown as "–"
+TABLES = [
+    ("core.json", "Core (the machine and the packaged model)",
+     [("hardware.cpu", "CPU"), ("hardware.cores", "cores"), ("llm_params_m", "LLM params (M)"), ("decode_tokens_per_s", "decode tokens/s")]),
+    ("data.json", "Data", [("documents", "documents"), ("words", "words"), ("duplicates_removed", "duplicates removed"), ("pii_masked.total", "PII masked")]),
+    ("rag.json", "Retrieval (default configuration)",
+     [("recall_at_5", "recall@5"), ("mrr_at_10", "MRR@10"), ("latency_ms_p50", "p50 ms"), ("latency_ms_p95", "p95 ms")]),
+    ("sft.json", "SFT", [("train_examples", "train examples"), ("train_loss_first", "loss first"), ("train_loss_last", "loss last"),
+                         ("eval_loss_base", "eval loss (base)"), ("eval_loss", "eval loss (SFT)"), ("seconds", "seconds")]),
+    ("dpo.json", "DPO", [("train_pairs", "train pairs"), ("eval_reward_accuracy", "eval reward accuracy"), ("eval_reward_margin", "eval reward margin"), ("seconds", "seconds")]),
+    ("inference.json", "Inference (CPU)", [("kv_cache_speedup", "KV-cache speed-up"), ("batch8_throughput_speedup", "batch-8 throughput speed-up"),
+                                           ("memory_bandwidth_gbs", "memory bandwidth GB/s"), ("roofline_fraction_batch1", "roofline fraction, batch 1")]),
+    ("serve.json", "Serving", [("requests", "requests"), ("errors", "errors"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("requests_per_s", "requests/s"), ("batching_speedup", "batching speed-up")]),
+]
+
+def get(d, path):
+    for k in path.split("."):
+        if not isinstance(d, dict) or k not in d: return "–"
+        d = d[k]
+    return f"{d:.3g}" if isinstance(d, float) else str(d)
+
+def commit():
+    try: return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "uncommitted"
+    except OSError: return "unknown"
+
+def render() -> str:
+    out = [START, "Generated from `results/*.json` by `python scripts/results_table.py` (never typed by hand); "
+           "`dvc.lock` in the same commit pins the data, code and params behind every figure.", ""]
+    for fname, title, cols in TABLES:
+        p = ROOT/"results"/fname
+        if not p.exists(): continue
+        d = json.loads(p.read_text())
+        out += [f"**{title}** (`results/{fname}`)", "", "| " + " | ".join(l for _, l in cols) + " |",
+                "|" + "---|" * len(cols), "| " + " | ".join(get(d, k) for k, _ in cols) + " |", ""]
+    if (ROOT/"results"/"eval.json").exists():
+        ev = json.loads((ROOT/"results"/"eval.json").read_text()).get("models", {})
+        keys = ["twin_score", "perplexity", "judge_accuracy", "judge_style", "judge"]
+        out += ["**Evaluation** (`results/eval.json`)", "", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        out += [f"| {m} | " + " | ".join(get(v, k) for k in keys) + " |" for m, v in ev.items()] + [""]
+    out.append(END)
+    return "\n".join(out)
+
+def main():
+    readme = ROOT/"README.md"; text = readme.read_text()
+    if START not in text or END not in text: sys.exit(f"README.md lacks the {START} ... {END} markers")
+    new = text[:text.index(START)] + render() + text[text.index(END) + len(END):]
+    if "--check" in sys.argv:
+        if new != text: sys.exit("README.md results are out of date: run python scripts/results_table.py")
+        return
+    readme.write_text(new); print("README.md results section updated")
+
+if __name__ == "__main__": main()
