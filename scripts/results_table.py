@@ -42,10 +42,23 @@ def render() -> str:
         out += [f"**{title}** (`results/{fname}`)", "", "| " + " | ".join(l for _, l in cols) + " |",
                 "|" + "---|" * len(cols), "| " + " | ".join(get(d, k) for k, _ in cols) + " |", ""]
     if (ROOT/"results"/"eval.json").exists():
-        ev = json.loads((ROOT/"results"/"eval.json").read_text()).get("models", {})
+        full = json.loads((ROOT/"results"/"eval.json").read_text())
+        ev = full.get("models", {})
         keys = ["twin_score", "perplexity", "judge_accuracy", "judge_style", "judge"]
-        out += ["**Evaluation** (`results/eval.json`)", "", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
-        out += [f"| {m} | " + " | ".join(get(v, k) for k in keys) + " |" for m, v in ev.items()] + [""]
+        extra = [("perplexity_chat", "perplexity (chat)"), ("lmeval.llmtwin_author_mc.acc", "author MC acc (lm-eval)"), ("ragas.rouge_l", "RAG ROUGE-L (ragas)")]
+        out += ["**Evaluation** (`results/eval.json`)", "", "| model | " + " | ".join(keys + [l for _, l in extra]) + " |", "|---|" + "---|" * (len(keys) + len(extra))]
+        def gv(v, k): r = get(v, k); return "–" if r == "None" else r          # None: e.g. no judgement parsed
+        out += [f"| {m} | " + (f"skipped: {v['skipped']} |" if "skipped" in v else " | ".join(gv(v, k) for k in keys + [k for k, _ in extra]) + " |") for m, v in ev.items()] + [""]
+        diffs = full.get("differences", {})
+        dkeys = ["twin_score", "perplexity", "perplexity_chat", "judge_accuracy", "judge_style"]
+        def ci(d): return "–" if not isinstance(d, dict) or "lo" not in d else f"{d['diff']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]"
+        if diffs:
+            out += ["Differences with 95% paired-bootstrap intervals:", "", "| pair | " + " | ".join(dkeys) + " |", "|---|" + "---|" * len(dkeys)]
+            out += [f"| {p} | " + " | ".join(ci(d.get(k)) for k in dkeys) + " |" for p, d in diffs.items()] + [""]
+        cal = full.get("calibration", {})
+        if cal:
+            out += [f"Twin-score calibration on held-out text: author {get(cal, 'author_heldout_mean')}, base model {get(cal, 'base_test_mean')}, "
+                    f"AUC {get(cal, 'auc_heldout')}.", ""]
     out.append(END)
     return "\n".join(out)
 

@@ -23,7 +23,7 @@ def parameters_cell(nb_path: Path) -> dict:
     return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) for t in n.targets}
 
 def passed_params(cmd: str) -> dict:
-    return dict(re.findall(r"-p\s+(\w+)\s+\$\{([\w.]+)\}", cmd))
+    return dict(re.findall(r"-p\s+(\w+)\s+'?\$\{([\w.]+)\}'?", cmd))
 
 @pytest.mark.parametrize("stage", sorted(PAPERMILL))
 def test_stage_params_match_notebook_and_params_yaml(stage):
