@@ -21,8 +21,6 @@ extras = {
     "dev": dev_requirements,
     # GPU profile: QLoRA and 8-bit optimisers; install on a CUDA machine only
     "gpu": ["bitsandbytes==0.50.*"],
-    # evaluation extras used by the evaluation chapter
-    "eval": ["lm-eval[hf]==0.4.13", "ragas==0.4.3", "langchain-community==0.3.31", "rapidfuzz"],
 }
 
 setuptools.setup(

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Quickstart 2: set up and pass the tests. `dvc repro` first (the pipeline is the smoke test of the main job and
-# produces what the notebooks' fast paths read), then every notebook under nbdev_test, then pytest.
+# Quickstart 2: set up and pass the tests. The pipeline first, on the smoke profile (the smoke test of the main job;
+# it produces what the notebooks' fast paths read), then every notebook under nbdev_test, then pytest.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -12,7 +12,9 @@ step() { local name=$1; shift; echo "=== $name"; local t0=$SECONDS
   else failed=$((failed+1)); failures+=("$name"); echo "--- FAILED: $name ($((SECONDS-t0))s)"; fi; }
 
 step "llmtwin-check-params" llmtwin-check-params params.yaml
-step "dvc repro" dvc repro
+# the pipeline on the smoke profile (params-smoke.yaml: same stages, smaller sizes), then params.yaml restored
+smoke() { dvc exp run $(llmtwin-profile params-smoke.yaml) && git checkout -- params.yaml; }
+step "dvc exp run (smoke profile)" smoke
 for nb in nbs/[0-9]*.ipynb; do step "nbdev_test $nb" nbdev_test --path "$nb" --do_print; done
 pytest_log=$(mktemp)
 python -m pytest -q 2>&1 | tee "$pytest_log"; rc=${PIPESTATUS[0]}
