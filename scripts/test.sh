@@ -13,7 +13,7 @@ step() { local name=$1; shift; echo "=== $name"; local t0=$SECONDS
 
 step "llmtwin-check-params" llmtwin-check-params params.yaml
 # the pipeline on the smoke profile (params-smoke.yaml: same stages, smaller sizes), then params.yaml restored
-smoke() { dvc exp run $(llmtwin-profile params-smoke.yaml) && git checkout -- params.yaml; }
+smoke() { local rc=0; dvc exp run $(llmtwin-profile params-smoke.yaml) || rc=$?; git checkout -- params.yaml; return $rc; }
 step "dvc exp run (smoke profile)" smoke
 for nb in nbs/[0-9]*.ipynb; do step "nbdev_test $nb" nbdev_test --path "$nb" --do_print; done
 pytest_log=$(mktemp)
