@@ -44,6 +44,7 @@ class SftParams(Section):
     min_train_examples: int = Field(100, ge=1)
     mix_dataset: str = Field("none", min_length=1)
     mix_rows: int = Field(1000, ge=0)
+    feedback_rows: bool = Field(True, description="append the feedback stage's SFT rows (artifacts/feedback/sft.jsonl) to train")
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)

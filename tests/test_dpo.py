@@ -147,3 +147,23 @@ def test_bad_pairs_refused_before_training(tiny_model, tmp_path):
     bad = tiny_pairs(4, "train"); bad[1]["rejected"] = bad[1]["chosen"]
     with pytest.raises(ValueError, match="pair 1: chosen == rejected"):
         train_dpo(tiny_model, bad, tiny_pairs(2, "test"), tiny_cfg(), tmp_path/"o", tmp_path/"c", device="cpu", log=None)
+
+
+def test_feedback_pairs_are_loaded_in_the_chapter_schema(tmp_path):
+    "The feedback stage's preference.jsonl -> training pairs: missing or empty file adds none, a bad line names file and line."
+    from llmtwin_nb.dpo import check_pairs, load_feedback_pairs
+    pair = dict(prompt=[{"role": "user", "content": "Why p95?"}], chosen=[{"role": "assistant", "content": "The mean hides slow requests."}],
+                rejected=[{"role": "assistant", "content": "Certainly! Latency matters."}], doc_id="feedback-0123", split="train",
+                source="correction", trace_id="0123", variant="a", template_id="chat", rejected_trace_id="0123")
+    f = tmp_path/"preference.jsonl"
+    assert load_feedback_pairs(f) == []
+    f.write_text("")
+    assert load_feedback_pairs(f) == []
+    f.write_text(json.dumps(pair) + "\n\n" + json.dumps(dict(pair, doc_id=None)) + "\n")
+    got = load_feedback_pairs(f)
+    assert len(got) == 2 and check_pairs(got) == 2 and set(got[0]) == {"prompt", "chosen", "rejected", "doc_id", "split"}
+    assert got[0]["doc_id"] == "feedback-0123" and got[1]["doc_id"].startswith("feedback-") and {p["split"] for p in got} == {"train"}
+    f.write_text(json.dumps(pair) + "\n{torn\n")
+    with pytest.raises(ValueError, match="preference.jsonl:2"): load_feedback_pairs(f)
+    f.write_text(json.dumps(dict(pair, rejected=pair["chosen"])) + "\n")
+    with pytest.raises(ValueError, match="chosen == rejected"): load_feedback_pairs(f)

@@ -1,16 +1,17 @@
-"""The MLOps loop (chapter 08): the feedback log under concurrent writers (threads and processes) and a torn
-write, the feedback endpoint, the A/B split, prompt templates, feedback -> training rows, drift, and a few dozen
-requests with feedback through chapter 07's real service on loopback followed by the loop's data function."""
-import json, os, subprocess, sys, textwrap, threading
+"""The MLOps loop (chapter 08): the feedback log under concurrent writers (threads and processes) and a torn write,
+the A/B split, prompt templates, feedback -> training rows, drift, the loop end to end (simulated users through
+chapter 07's real service on loopback -> the feedback stage -> the SFT and DPO data loaders), and DVC rerunning the
+feedback stage and only the training stage whose file changed when the logs change.
+(The feedback endpoint and the in-app A/B split on the real app are tested in test_serve.py.)"""
+import json, os, shutil, subprocess, sys, textwrap, threading
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
-from fastapi import FastAPI
-from fastapi.testclient import TestClient
+import pytest, yaml
 
-from llmtwin_nb.mlops import (ABRouter, FeedbackLog, PromptRegistry, TraceIndex, assign_variant, drift_check, feedback_router,
-                              feedback_to_data, parse_weights, read_traces, run_simulation, sim_requests, training_reference)
+from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, append_feedback_sft, build_feedback_data, drift_check, feedback_to_data, run_simulation,
+                              sim_requests)
+from llmtwin_nb.serve import ABRouter, FeedbackLog, PromptRegistry, assign_variant, parse_weights, read_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD = "x" * 6000          # records larger than PIPE_BUF (4096): without the lock and one write they could interleave
@@ -19,7 +20,7 @@ PAD = "x" * 6000          # records larger than PIPE_BUF (4096): without the loc
 def _writer_script(path, tag, threads, n):
     return textwrap.dedent(f"""
         import threading
-        from llmtwin_nb.mlops import FeedbackLog
+        from llmtwin_nb.serve import FeedbackLog
         log = FeedbackLog({str(path)!r})
         def w(t):
             for j in range({n}): log.append({{"tag": {tag!r}, "t": t, "j": j, "pad": {PAD!r}}})
@@ -62,25 +63,6 @@ def test_torn_write_is_detected_and_loses_nothing_else(tmp_path):
     assert len(r.records) == 20 and sorted(c["reason"] for c in r.corrupt)[0] == "checksum mismatch"
 
 
-def test_feedback_endpoint_validates_masks_and_checks_the_trace(tmp_path):
-    traces = tmp_path/"traces.jsonl"
-    traces.write_text(json.dumps({"trace_id": "abc123", "answer": "hi", "model": "llmtwin-a"}) + "\n")
-    app = FastAPI(); app.include_router(feedback_router(FeedbackLog(tmp_path/"fb.jsonl"), TraceIndex(traces)))
-    c = TestClient(app)
-    r = c.post("/feedback", json={"trace_id": "abc123", "rating": "down", "corrected_text": "Call me on +31 6 1234 5678.", "user": "u1"})
-    assert r.status_code == 200 and r.json()["rating"] == 1 and r.json()["id"]
-    rec = FeedbackLog(tmp_path/"fb.jsonl").records()[0]
-    assert "1234 5678" not in rec["corrected_text"] and rec["model"] == "llmtwin-a" and rec["rating_raw"] == "down"
-    assert c.post("/feedback", json={"trace_id": "missing", "rating": 4}).status_code == 404
-    with open(traces, "a") as f: f.write(json.dumps({"trace_id": "later"}) + "\n")        # written after the index was built
-    assert c.post("/feedback", json={"trace_id": "later", "rating": 4}).status_code == 200
-    for bad in ({"trace_id": "abc123", "rating": 0}, {"trace_id": "abc123", "rating": 4.5}, {"trace_id": "abc123", "rating": "meh"},
-                {"rating": 3}, {"trace_id": "abc123", "rating": 3, "corrected_text": 5}, {"trace_id": "abc123", "rating": 3, "extra": 1}):
-        r = c.post("/feedback", json=bad)
-        assert r.status_code == 422, bad
-        assert r.json()["error"]["message"] and r.json()["error"]["code"] == "invalid_feedback"
-
-
 def test_ab_split_holds_its_ratio_and_is_stable_across_processes():
     keys = [f"user-{i}" for i in range(2000)]
     for spec in ("a=0.5,b=0.5", "a=0.9,b=0.1", "control=0.7,candidate=0.3"):
@@ -88,7 +70,7 @@ def test_ab_split_holds_its_ratio_and_is_stable_across_processes():
         obs = ABRouter({k: k for k in w}, spec, "salt-1").observed_split(keys)
         for k in w: assert abs(obs[k] - w[k]) < 0.03, (spec, obs)
     here = [assign_variant(k, "a=0.7,b=0.3", "salt-1") for k in keys[:300]]
-    code = ("import json; from llmtwin_nb.mlops import assign_variant; "
+    code = ("import json; from llmtwin_nb.serve import assign_variant; "
             f"print(json.dumps([assign_variant(f'user-{{i}}', 'b=0.3,a=0.7', 'salt-1') for i in range(300)]))")
     other = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                                       env={**os.environ, "PYTHONHASHSEED": "123"}).stdout)
@@ -98,12 +80,13 @@ def test_ab_split_holds_its_ratio_and_is_stable_across_processes():
     with pytest.raises(ValueError, match="must match"): ABRouter({"a": 1}, "a=0.5,b=0.5")
 
 
-def test_prompt_templates_match_what_serve_sends():
-    from llmtwin_nb.serve import rag_messages
+def test_prompt_templates_match_what_the_twin_was_trained_with():
+    from llmtwin_nb.sft import SYSTEM_PROMPT
     reg = PromptRegistry(ROOT/"prompts")
     msgs, tid = reg.render("rag_answer", question="Q?", context="[1] c")
-    assert msgs == rag_messages("Q?", "[1] c") and tid.startswith("rag_answer@v1#")
-    assert reg.get("twin_chat").render(author="A", question="hi")[0]["content"] == "You are A. Write in your own voice."
+    assert [m["role"] for m in msgs] == ["system", "user"] and msgs[1]["content"] == "Sources:\n[1] c\n\nQuestion: Q?"
+    assert tid.startswith("rag_answer@v1#") and reg.get("rag_answer@v1").template_id == tid
+    assert reg.get("twin_chat").render(author="A", question="hi")[0]["content"] == SYSTEM_PROMPT.format(author="A")
 
 
 def _traces_and_feedback():
@@ -156,29 +139,126 @@ DOC_TEXTS = [
 ]
 
 
-def test_real_serve_requests_with_feedback_become_new_pairs(tmp_path):
-    """A few dozen requests through chapter 07's `create_app` (uvicorn on loopback, packaged model, two variants),
-    feedback through the mounted router over HTTP, then the loop's data function: new pairs appear."""
-    from llmtwin_nb.core import load_embedder
+def _instruct_train(tok, n=6):
+    "A small train split in the SFT chapter's instruct schema."
+    from datasets import Dataset
+    from llmtwin_nb.sft import SYSTEM_PROMPT, chat_example, example_tokens
+    row = chat_example(SYSTEM_PROMPT.format(author="Ilse Marchetti"), "Why p95?", "Because the mean hides the slow requests users remember.")
+    return Dataset.from_list([dict(row, doc_id=f"{i:016x}", platform="medium", kind="article", title="t", instruction_source="template_budget",
+                                   tokens=example_tokens(tok, row), answer_chars=56) for i in range(n)])
+
+
+def test_the_loop_served_traffic_becomes_training_rows(tmp_path):
+    """Simulated users through chapter 07's real app (one app, its own A/B split, uvicorn on loopback) into a logs folder;
+    the feedback stage's function turns the logs into rows; the SFT and DPO loaders grow by exactly those rows."""
+    from transformers import AutoTokenizer
+    from llmtwin_nb.core import load_embedder, resolve_model, section_params
+    from llmtwin_nb.dpo import check_pairs, load_feedback_pairs
     from llmtwin_nb.serve import EmbeddingRetriever
     docs = [SimpleNamespace(id=f"{i:016x}", title=t, kind=k, platform="linkedin" if k == "post" else "medium", content=c, split="train",
                             author="Ilse Marchetti") for i, (t, k, c) in enumerate(DOC_TEXTS)]
     emb = load_embedder("packaged:minilm", "cpu")
     retriever = EmbeddingRetriever([dict(id=d.id, title=d.title, text=d.content) for d in docs], embedder=emb)
     reqs = sim_requests(docs, {}, 24, rag_fraction=0.3, offtopic_fraction=0.5, recent=8, seed=1)
-    traces, fbp = tmp_path/"traces.jsonl", tmp_path/"feedback.jsonl"
-    stats = run_simulation(reqs, variants={"a": "packaged:smollm2-135m-instruct", "b": "packaged:smollm2-135m-instruct"},
-                           split="a=0.5,b=0.5", salt="t", traces_path=traces, feedback_path=fbp,
-                           serve_cfg=dict(reranker="none", top_k=1, context_tokens=64, max_batch_size=8), embedder=emb,
-                           prompts=PromptRegistry(ROOT/"prompts"), author="Ilse Marchetti", max_tokens=4, concurrency=8,
-                           correct_fraction=1.0, failures=1, retriever=retriever, device="cpu", seed=3, log=lambda *a: None)
-    tr, fb = read_traces(traces), FeedbackLog(fbp).read()
+    logs, split, salt = tmp_path/"logs", "a=0.5,b=0.5", "t"
+    stats = run_simulation(reqs, serve_cfg=dict(reranker="none", top_k=1, context_tokens=64, max_batch_size=8, prompts_dir=str(ROOT/"prompts"),
+                                                variants="a=packaged:smollm2-135m-instruct,b=packaged:smollm2-135m-instruct", split=split, ab_salt=salt),
+                           logs_dir=logs, embedder=emb, prompts=PromptRegistry(ROOT/"prompts"), author="Ilse Marchetti", max_tokens=4,
+                           concurrency=8, correct_fraction=1.0, failures=1, retriever=retriever, device="cpu", seed=3, log=lambda *a: None)
+    tr, fb = read_traces(logs/"traces.jsonl"), FeedbackLog(logs/"feedback.jsonl").read()
     assert stats["requests"] == 24 and len(tr) == 24 and fb.corrupt == []
-    assert stats["feedback_http"][404] == 1 and stats["feedback_http"][422] == 2 and stats["feedback_http"][200] == len(fb.records)
-    assert {t["model"].removesuffix("-rag") for t in tr} == {"llmtwin-a", "llmtwin-b"}
-    assert any(t["status"] == 500 for t in tr)                                # the injected generation failure is traced
-    pairs, sft, rep = feedback_to_data(fb.records, tr, author="Ilse Marchetti", served_names=stats["served_names"])
-    assert rep["new_pairs"] > 0 and pairs and all(p["variant"] in ("a", "b") for p in pairs)
-    corrected = [p for p in pairs if p["source"] == "correction"]
-    assert corrected and all(p["chosen"][0]["content"] in {d.content for d in docs} | {d.content + " More at [EMAIL]." for d in docs}
-                             for p in corrected)
+    assert stats["feedback_http"][404] == 1 and stats["feedback_http"][400] == 2 and stats["feedback_http"][200] == len(fb.records)
+    # the server assigned every request by its user key, and every trace says who served and with which template
+    assert {t["variant"] for t in tr} == {"a", "b"} and all(t["variant"] == assign_variant(t["user"], split, salt) for t in tr)
+    assert {t["template_id"].split("#")[0] for t in tr} == {"chat", "rag_answer@v1"} and any(t["status"] == 500 for t in tr)
+    assert all(f["variant"] in ("a", "b") and f["template_id"] for f in fb.records)
+    # the feedback stage's function
+    cfg = section_params("mlops", logs_dir=str(logs), out_dir=str(tmp_path/"feedback"))
+    rep = build_feedback_data(logs, tmp_path/"feedback", cfg, docs=docs, evalsets={})
+    pairs_file, sft_file = tmp_path/"feedback"/"preference.jsonl", tmp_path/"feedback"/"sft.jsonl"
+    assert rep["feedback_records"] == len(fb.records) and rep["new_pairs"] > 0 and rep["new_sft_rows"] > 0
+    assert len(pairs_file.read_text().splitlines()) == rep["new_pairs"] and len(sft_file.read_text().splitlines()) == rep["new_sft_rows"]
+    assert "@example.com" not in pairs_file.read_text() + sft_file.read_text()
+    # DPO: the chapter's loader appends exactly the new pairs to the training pairs
+    fb_pairs = load_feedback_pairs(pairs_file)
+    base_pairs = [dict(prompt=[{"role": "user", "content": f"Q{i}?"}], chosen=[{"role": "assistant", "content": "The author's answer."}],
+                       rejected=[{"role": "assistant", "content": "Certainly! Here are some points."}], doc_id=f"d{i}", split="train") for i in range(5)]
+    train = base_pairs + fb_pairs
+    assert len(train) == len(base_pairs) + rep["new_pairs"] and check_pairs(train) == len(train)
+    assert all(p["doc_id"].startswith("feedback-") and set(p) == set(base_pairs[0]) for p in fb_pairs)
+    # SFT: append_feedback_sft grows the instruct train split by exactly the new rows, in its schema
+    tok = AutoTokenizer.from_pretrained(resolve_model("packaged:smollm2-135m-instruct"))
+    inst = _instruct_train(tok)
+    grown, srep = append_feedback_sft(inst, sft_file, tok, 1024)
+    assert len(grown) == len(inst) + rep["new_sft_rows"] and srep["feedback_rows"] == rep["new_sft_rows"]
+    assert grown.column_names == inst.column_names and grown["platform"].count("feedback") == rep["new_sft_rows"]
+    assert all(d is None for d, p in zip(grown["doc_id"], grown["platform"]) if p == "feedback")
+
+
+def _run(cmd, cwd, **kw):
+    r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120, env={**os.environ, "DVC_NO_ANALYTICS": "1"}, **kw)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout
+
+
+def test_dvc_reruns_the_feedback_stage_and_only_the_training_stage_whose_rows_changed(tmp_path):
+    """The repository's own `feedback` stage (its command, logs-folder dependency, params and outputs) in a scratch DVC
+    project, with stand-ins for sft and dpo that depend on its files as the real stages do: a fresh clone (logs/ with
+    only a README) runs and writes empty files; new logs rerun it; then only the training stage whose rows changed reruns."""
+    real = yaml.safe_load((ROOT/"dvc.yaml").read_text())["stages"]
+    stage = real["feedback"]
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    (tmp_path/"logs").mkdir(); shutil.copy(ROOT/"logs"/"README.md", tmp_path/"logs"/"README.md")
+    params = {"mlops": {k: v for k, v in yaml.safe_load((ROOT/"params.yaml").read_text())["mlops"].items() if f"mlops.{k}" in stage["params"]}}
+    (tmp_path/"params.yaml").write_text(yaml.safe_dump(params))
+    count = "python -c \"import sys; print(sum(1 for _ in open(sys.argv[1])))\" {} > {}"
+    stages = {"feedback": dict(cmd=stage["cmd"], deps=[d for d in stage["deps"] if d.startswith("${")], params=stage["params"], outs=stage["outs"]),
+              "sft": dict(cmd=count.format("artifacts/feedback/sft.jsonl", "sft.txt"), deps=["artifacts/feedback/sft.jsonl"], outs=["sft.txt"]),
+              "dpo": dict(cmd=count.format("artifacts/feedback/preference.jsonl", "dpo.txt"), deps=["artifacts/feedback/preference.jsonl"], outs=["dpo.txt"])}
+    assert "artifacts/feedback/preference.jsonl" in real["dpo"]["deps"]
+    (tmp_path/"dvc.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    _run([dvc, "init", "--no-scm", "-q"], tmp_path)
+    ran = lambda out: {s for s in ("feedback", "sft", "dpo") if f"Running stage '{s}'" in out}
+    assert ran(_run([dvc, "repro"], tmp_path)) == {"feedback", "sft", "dpo"}                  # a fresh clone: no feedback yet
+    assert (tmp_path/"sft.txt").read_text().strip() == "0" and (tmp_path/"dpo.txt").read_text().strip() == "0"
+    assert "up to date" in _run([dvc, "status"], tmp_path)
+    T = lambda i, q, a: dict(trace_id=f"t{i}", ts=f"2026-01-01T00:00:{i:02d}Z", question=q, answer=a, status=200, variant="a")
+    traces = [T(1, "How do you keep a vector index cheap?", "Buy a bigger managed cluster."),
+              T(2, "Why write evals first?", "Evals tell you whether fine-tuning helped, so write them before training anything."),
+              T(3, "Why write evals first?", "No idea at all, really, none whatsoever.")]
+    with open(tmp_path/"logs"/"traces.jsonl", "w") as f: f.writelines(json.dumps(t) + "\n" for t in traces)
+    log = FeedbackLog(tmp_path/"logs"/"feedback.jsonl")
+    log.append(dict(trace_id="t1", rating=1, corrected_text="Parquet files and exact search on a laptop were enough for 410,000 vectors."))
+    st = _run([dvc, "status"], tmp_path)
+    assert "feedback" in st and "modified" in st and "logs" in st                               # the logs folder changed
+    assert ran(_run([dvc, "repro"], tmp_path)) == {"feedback", "sft", "dpo"}                  # a correction: a new SFT row and a new pair
+    assert ((tmp_path/"sft.txt").read_text().strip(), (tmp_path/"dpo.txt").read_text().strip()) == ("1", "1")
+    log.append(dict(trace_id="t2", rating=5))                       # a well-rated answer: a new SFT row, no pair yet
+    assert ran(_run([dvc, "repro"], tmp_path)) == {"feedback", "sft"} and (tmp_path/"sft.txt").read_text().strip() == "2"
+    log.append(dict(trace_id="t3", rating=1))                       # a poor answer to the same question: a new pair, no new SFT row
+    assert ran(_run([dvc, "repro"], tmp_path)) == {"feedback", "dpo"} and (tmp_path/"dpo.txt").read_text().strip() == "2"
+    log.append(dict(trace_id="t-unknown", rating=4))                # nothing usable: no training stage reruns
+    assert ran(_run([dvc, "repro"], tmp_path)) == {"feedback"}
+
+
+def test_pipeline_wiring_of_the_loop():
+    "feedback is upstream of the training stages, depends on the logs folder (in git with its README), and nothing in the pipeline writes into it."
+    real = yaml.safe_load((ROOT/"dvc.yaml").read_text())["stages"]
+    params = yaml.safe_load((ROOT/"params.yaml").read_text())
+    fb, logs_dir = real["feedback"], params["mlops"]["logs_dir"]
+    assert "${mlops.logs_dir}" in fb["deps"] and (ROOT/logs_dir/"README.md").exists()
+    assert subprocess.run(["git", "ls-files", "--error-unmatch", f"{logs_dir}/README.md"], cwd=ROOT, capture_output=True).returncode == 0, \
+        "the logs folder must be in git (with its README) so a fresh clone has the feedback stage's dependency"
+    assert set(fb["params"]) == set(FEEDBACK_STAGE_PARAMS) and fb["outs"] == ["artifacts/feedback/sft.jsonl", "artifacts/feedback/preference.jsonl"]
+    assert "artifacts/feedback/preference.jsonl" in real["dpo"]["deps"] and "dpo.feedback_pairs" in real["dpo"]["params"]
+    outs = {next(iter(o)) if isinstance(o, dict) else o for st in real.values() for o in st.get("outs", [])}
+    assert not any(o == logs_dir or o.startswith(logs_dir.rstrip("/") + "/") for o in outs), "no stage may write into the collected logs"
+    assert not Path(params["serve"]["trace_path"]).is_relative_to(logs_dir), "the serve stage's own load test must not log into logs_dir"
+    assert not {"artifacts/feedback/sft.jsonl", "artifacts/feedback/preference.jsonl"} & {next(iter(o)) if isinstance(o, dict) else o
+                                                                                        for o in real["mlops"].get("outs", [])}
+
+
+def test_sft_stage_reads_the_feedback_rows():
+    "The sft stage must depend on the feedback stage's SFT rows (the lead wires nbs/03_sft.ipynb to append_feedback_sft)."
+    sft = yaml.safe_load((ROOT/"dvc.yaml").read_text())["stages"]["sft"]
+    assert "artifacts/feedback/sft.jsonl" in sft["deps"], "add artifacts/feedback/sft.jsonl to the sft stage's deps"

@@ -125,3 +125,119 @@ def test_bad_queries_and_filters(tmp_path, docs, cfg, emb):
         ctx, sources = rag.assemble_context(hits, emb.tokenizer, 80)
         assert ctx.startswith("[1] ") and len(emb.tokenizer(ctx, add_special_tokens=False)["input_ids"]) <= 80
         assert [s["n"] for s in sources] == list(range(1, len(sources) + 1))
+
+
+def _corpus():
+    """Eight documents on four platforms: random pseudo-word paragraphs (dense search has neighbours to rank) and one topic line each,
+    so BM25 scores do not tie exactly (tied points are ordered by Qdrant's internal storage order, which the fast path cannot see)."""
+    import random
+    rnd = random.Random(7)
+    vocab = [f"{a}{b}" for a in ("zor", "quel", "mib", "trax", "vun", "plo", "gref", "snu", "kab", "wim") for b in ("a", "o", "ix", "um", "et", "ar", "ul", "en")]
+    topics = ["pondlet float16 batches conversion cache", "Lasagne the cat walked on the keyboard", "Tidewater vector store bill",
+              "reefer containers dwell time Waalhaven", "shadow mode rollout Venlo", "eval set before fine-tuning",
+              "retries without backoff carrier", "notebook lab report factory"]
+    plats = ["medium", "linkedin", "github", "substack"]
+    out = []
+    for i in range(8):
+        d = _doc(i, plats[i % 4], "post" if plats[i % 4] == "linkedin" else "article", 10)
+        body = "\n\n".join(" ".join(rnd.choice(vocab) for _ in range(rnd.randint(25, 45))).capitalize() + "." for _ in range(4))
+        d["content"] = body + f"\n\n{topics[i]} is what this part is about, and {' '.join(topics[(i + 1) % 8].split()[:2])} too."
+        out.append(d)
+    return out
+
+
+def test_hybrid_fast_path_matches_qdrant(tmp_path, cfg, emb):
+    "The embedded fast path (numpy filters + BM25 postings + client-side RRF) returns what Qdrant's own local search returns."
+    docs = _corpus()
+    chunks = _chunks(docs, cfg, emb)
+    with rag.open_qdrant(tmp_path / "q") as client:
+        rag.sync_index(client, "t", chunks, emb)
+        assert rag.has_sparse(client, "t") and rag.is_embedded(client)
+        fast = rag.Retriever(client, "t", emb, None, None, cfg.model_copy(update=dict(local_fastpath=True, candidates=8)))
+        native = rag.Retriever(client, "t", emb, None, None, cfg.model_copy(update=dict(local_fastpath=False, candidates=8)))
+        assert fast.local is not None and native.local is None and fast.known == native.known
+        for q, f in [("Tidewater vector store bill", None), ("What did the cat do on the keyboard?", {"platform": "linkedin"}),
+                     ("reefer containers float16", {"platform": ["github", "substack"]}), ("shadow mode", {"kind": "post"})]:
+            for hybrid in (True, False):
+                for expansion in (True, False):
+                    a = fast.retrieve(q, k=6, filters=f, hybrid=hybrid, expansion=expansion, self_query=False)
+                    b = native.retrieve(q, k=6, filters=f, hybrid=hybrid, expansion=expansion, self_query=False)
+                    assert [h.id for h in a] == [h.id for h in b], (q, f, hybrid, expansion)
+                    assert [round(h.score, 5) for h in a] == [round(h.score, 5) for h in b]
+                    if f: assert all(h.payload[k] in (v if isinstance(v, list) else [v]) for h in a for k, v in f.items())
+        # BM25 finds the document that holds the exact rare words
+        hit = fast.retrieve("Waalhaven reefer dwell", k=1, hybrid=True, expansion=False, self_query=False)[0]
+        assert "Waalhaven" in hit.text
+        # a new document synced through the same client is seen after refresh()
+        new = _doc(99, "github", "repository", 60, extra="\n\nQuokkaflux is a made-up word that only this document holds.")
+        rag.sync_index(client, "t", chunks + _chunks([new], cfg, emb), emb)
+        fast.refresh()
+        assert fast.retrieve("quokkaflux", k=1, hybrid=True, expansion=False, self_query=False)[0].doc_id == new["id"]
+
+
+def test_rrf_and_idf_formulas():
+    assert rag.rrf_fuse([["a", "b"], ["b", "c"]], k=2) == [("b", 1 / 3 + 1 / 2), ("a", 1 / 2), ("c", 1 / 3)]
+    assert rag.rrf_fuse([["a"], ["b"]], k=2) == [("a", 0.5), ("b", 0.5)]           # ties keep first-seen order
+    import math
+    assert abs(rag.bm25_idf(1, 10) - math.log(1 + 9.5 / 1.5)) < 1e-12 and rag.bm25_idf(10, 10) < rag.bm25_idf(1, 10)
+    assert rag.lexical_terms("The Vectors and the queries") == ["vector", "query"]
+    sv = rag.sparse_doc_vector("cat cat dog")
+    assert sv.indices == sorted(sv.indices) and len(sv.indices) == 2
+
+
+def test_index_without_sparse_vectors(tmp_path, cfg, emb):
+    "An index built before hybrid search: sync refuses it by name, the retriever warns and searches dense vectors only."
+    from qdrant_client import models
+    chunks = _chunks([_doc(0)], cfg, emb)
+    vecs = emb.encode([c.embed_text for c in chunks], normalize_embeddings=True)
+    with rag.open_qdrant(tmp_path / "q") as client:
+        client.create_collection("old", vectors_config=models.VectorParams(size=vecs.shape[1], distance=models.Distance.COSINE))
+        client.upsert("old", points=[models.PointStruct(id=c.id, vector=v.tolist(), payload=c.payload) for c, v in zip(chunks, vecs)])
+        with pytest.raises(ValueError, match="without the 'bm25' sparse vectors"):
+            rag.sync_index(client, "old", chunks, emb)
+        with pytest.warns(UserWarning, match="searching dense vectors only"):
+            r = rag.Retriever(client, "old", emb, None, None, cfg)
+        info = {}
+        assert r.retrieve("float16 conversion", k=2, info=info) and info["hybrid"] is False
+
+
+def test_keyword_questions_are_unambiguous():
+    "A keyword question is extended (or refused) until only documents holding the answer contain all its terms."
+    import numpy as np
+    C = rag.Chunk
+    chunks = [C("a", "d1", 0, "The Venlo shadow rollout took eleven days before the switch in March 2023.", "", 20, {"author": "Ilse M"}),
+              C("b", "d2", 0, "Shadow rollout notes: nothing about Venlo dates here, only the switch and its checklist.", "", 20, {}),
+              C("c", "d3", 0, "Announcing the post: the Venlo shadow rollout took eleven days, switch in March 2023.", "", 20, {}),
+              C("d", "d4", 0, "A chunk about cats.", "", 5, {})]
+    kq = rag.KeywordQuestions(chunks)
+    r = kq.ask(chunks[0], np.random.default_rng(0))
+    assert not isinstance(r, str), r
+    terms, sentence, relevant = r
+    holders = kq.docs_with(terms)
+    assert "d2" not in holders or len(terms) > 2                        # d2 shares words but not the answer
+    assert set(relevant) == {"d1", "d3"} & holders | {"d1"} and "d2" not in relevant
+    assert kq.ask(chunks[3], np.random.default_rng(0)) == "no usable sentence"
+    q, ans, rel = kq.question(chunks[0], np.random.default_rng(1))
+    assert q.endswith("?") and ans == sentence and rel == relevant
+
+
+def test_cpu_threads_restored():
+    import torch
+    before = torch.get_num_threads()
+    with rag.cpu_threads(1):
+        assert torch.get_num_threads() == 1
+        from threadpoolctl import threadpool_info
+        assert all(p["num_threads"] == 1 for p in threadpool_info() if p["user_api"] == "blas")
+    assert torch.get_num_threads() == before
+    with rag.cpu_threads(0): assert torch.get_num_threads() == before
+
+
+def test_query_embedding_equals_encode(tmp_path, cfg, emb):
+    "The retriever's direct forward pass gives what SentenceTransformer.encode gives."
+    import numpy as np
+    chunks = _chunks([_doc(0)], cfg, emb)
+    with rag.open_qdrant(tmp_path / "q") as client:
+        rag.sync_index(client, "t", chunks, emb)
+        r = rag.Retriever(client, "t", emb, None, None, cfg)
+        texts = ["How much did Tidewater pay?", "pondlet float16 conversion cache, and a much longer second question here"]
+        assert np.abs(r.embed(texts) - emb.encode(texts, normalize_embeddings=True)).max() < 1e-5

@@ -1,14 +1,18 @@
 """The twin's HTTP service (chapter 07) on loopback: the official `openai` client (chat and stream), raw HTTP for
-bad inputs, limits, auth, an injected generation failure, queue overflow, tracing, and the console entry point.
-The retriever is chapter 02's real Qdrant code over a tiny index built in a temporary folder."""
+bad inputs, limits, auth, an injected generation failure, queue overflow, tracing, feedback, two model versions
+side by side (the in-app A/B split), and the console entry point. The retriever is chapter 02's real Qdrant code
+over a tiny index built in a temporary folder."""
 import asyncio, json, os, socket, subprocess, sys, time
 from pathlib import Path
 
 import httpx, openai, pytest
 
-from llmtwin_nb.core import ChatResult, load_embedder, load_llm, section_params
-from llmtwin_nb.serve import (BatchEngine, ServerThread, StreamMasker, Tracer, cited_numbers, create_app, find_injection,
-                              load_retriever, load_test)
+from llmtwin_nb.core import ChatResult, ParamsError, load_embedder, load_llm, section_params
+from llmtwin_nb.serve import (BatchEngine, FeedbackLog, PromptRegistry, ServerThread, StreamMasker, Tracer, assign_variant, cited_numbers,
+                              create_app, find_injection, load_retriever, load_test)
+
+ROOT = Path(__file__).resolve().parents[1]
+RAG_TEMPLATE_ID = PromptRegistry(ROOT/"prompts").get("rag_answer").template_id
 
 KEY_ENV = "LLMTWIN_TEST_SERVE_KEY"
 DOCS = [
@@ -45,7 +49,8 @@ def served(tmp_path_factory):
     app = create_app(cfg, retriever=retriever, model=model, tokenizer=tok)
     os.environ.pop(KEY_ENV, None)
     with ServerThread(app) as url:
-        yield dict(url=url, app=app, state=app.state.serve, tracer=Tracer(tmp/"traces"/"serve.jsonl"), tmp=tmp)
+        yield dict(url=url, app=app, state=app.state.serve, tracer=Tracer(tmp/"traces"/"serve.jsonl"), tmp=tmp, cfg=cfg,
+                   model=model, tok=tok, retriever=retriever)
     retriever.close()
 
 
@@ -88,7 +93,8 @@ def test_rag_endpoint_uses_the_index_and_traces(served):
     assert d["answer"] and 1 <= len(d["sources"]) <= 2 and d["sources"][0]["title"] == "Why not a vector database"
     assert d["sources"][0]["citation"] == "[1]" and d["sources"][0]["doc_id"] == f"{1:016x}"
     rec = next(t for t in served["tracer"].read() if t["trace_id"] == d["trace_id"])
-    assert rec["retrieved_ids"] == [s["id"] for s in d["sources"]] and rec["template_id"] == "rag-v1"
+    assert rec["retrieved_ids"] == [s["id"] for s in d["sources"]] and rec["template_id"] == d["template_id"] == RAG_TEMPLATE_ID
+    assert rec["variant"] == d["variant"] == "main" and rec["backend_model"] == "packaged:smollm2-135m-instruct"
     assert "Question: How much did Tidewater" in rec["prompt"] and rec["answer"] == d["answer"]
     assert rec["latency_ms"] > 0 and rec["completion_tokens"] > 0 and rec["status"] == 200
 
@@ -237,7 +243,7 @@ def _free_port():
 def test_python_m_entry_point(tmp_path):
     params = tmp_path/"params.yaml"
     params.write_text(f"core:\n  device: cpu\nserve:\n  index_path: {tmp_path/'no-index'}\n  trace_path: {tmp_path/'t.jsonl'}\n"
-                      "  max_new_tokens: 16\n  default_max_tokens: 4\n")
+                      f"  prompts_dir: {ROOT/'prompts'}\n  max_new_tokens: 16\n  default_max_tokens: 4\n")
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}; env.pop(KEY_ENV, None)
     p = subprocess.Popen([sys.executable, "-m", "llmtwin_nb.serve", "--params", str(params), "--port", str(port)],
@@ -255,3 +261,102 @@ def test_python_m_entry_point(tmp_path):
     finally:
         p.terminate(); p.wait(30)
     assert p.returncode in (0, -15)
+
+
+def test_feedback_on_the_real_app(served, monkeypatch):
+    "POST /feedback on create_app's service: stored next to the trace log, PII masked, bad trace id 404, bad rating 400."
+    url, st = served["url"], served["state"]
+    d = post(url, {"question": "What did the hosted vector store cost?", "max_tokens": 4, "user": "fb-user"}, "/rag").json()
+    fb = post(url, {"trace_id": d["trace_id"], "rating": 1, "corrected_text": "It was 1,140 euros a month. Mail ilse@example.com or call +31 6 1234 5678.",
+                    "comment": "from ilse@example.com"}, "/feedback")
+    assert fb.status_code == 200, fb.text
+    assert fb.json()["stored"] and fb.json()["pii_masked"] == {"email": 1, "phone": 1} and fb.json()["variant"] == "main"
+    log = FeedbackLog(served["tmp"]/"traces"/"feedback.jsonl")
+    assert st.feedback.path == log.path
+    rec = log.records()[-1]
+    assert rec["trace_id"] == d["trace_id"] and rec["rating"] == 1 and rec["user"] == "fb-user" and rec["template_id"] == RAG_TEMPLATE_ID
+    assert "ilse@example.com" not in json.dumps(rec) and "1234 5678" not in rec["corrected_text"] and "[EMAIL]" in rec["corrected_text"]
+    # the chat id (chatcmpl-<trace id>) names the trace too; thumbs are stored as 5/1 with the original kept
+    c = post(url, hi(user="fb-user"))
+    assert post(url, {"trace_id": c.json()["id"], "rating": "up"}, "/feedback").json()["rating"] == 5
+    assert log.records()[-1]["rating_raw"] == "up" and log.records()[-1]["trace_id"] == c.headers["x-trace-id"]
+    r = post(url, {"trace_id": "0" * 32, "rating": 4}, "/feedback")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "trace_not_found" and "trace id the service returned" in r.json()["error"]["message"]
+    for body, needle in (({"trace_id": d["trace_id"], "rating": 9}, "`rating`: must be between 1 and 5, got 9"),
+                         ({"trace_id": d["trace_id"], "rating": 4.5}, "must be an integer 1-5 or one of"),
+                         ({"trace_id": d["trace_id"], "rating": "great"}, "'up'"),
+                         ({"trace_id": d["trace_id"], "rating": True}, "must be an integer 1-5"),
+                         ({"trace_id": d["trace_id"]}, "`rating` is required"),
+                         ({"trace_id": d["trace_id"], "rating": 3, "rate": 3}, "`rate`"),
+                         ('{"trace_id": ', "not valid JSON")):
+        r = post(url, body, "/feedback")
+        assert r.status_code == 400, (body, r.text)
+        assert needle in r.json()["error"]["message"], r.json()["error"]["message"]
+    n = len(log.records())
+    monkeypatch.setenv(KEY_ENV, "k")
+    assert post(url, {"trace_id": d["trace_id"], "rating": 4}, "/feedback").status_code == 401
+    monkeypatch.delenv(KEY_ENV)
+    assert len(log.records()) == n                                      # refused feedback is not stored
+
+
+def test_two_variants_split_by_user_key(served, tmp_path):
+    "serve.variants/split: each variant its own engine, the same user always on the same variant, the ratio held, traces say who served."
+    split, salt = "a=0.7,b=0.3", "test-salt"
+    cfg = section_params("serve", {**served["cfg"].model_dump(), "variants": "a=packaged:smollm2-135m-instruct,b=packaged:smollm2-135m-instruct",
+                                   "split": split, "ab_salt": salt, "trace_path": str(tmp_path/"traces.jsonl")})
+    app = create_app(cfg, retriever=served["retriever"], models={"packaged:smollm2-135m-instruct": (served["model"], served["tok"])})
+    with ServerThread(app) as url:
+        st = app.state.serve
+        assert set(st.engines) == {"a", "b"} and st.engines["a"] is not st.engines["b"] and st.engines["a"].model is served["model"]
+        assert st.engines["a"].tok is not st.engines["b"].tok                    # each batching worker pads with its own tokenizer
+        keys = [f"user-{i}" for i in range(4000)]
+        share = sum(st.ab.variant(k) == "a" for k in keys) / len(keys)
+        assert abs(share - 0.7) < 0.02, share                                   # the server's own assignment over many keys
+        users = [f"u{i}" for i in range(24)]
+        bodies = [{"model": "llmtwin", "user": u, "max_tokens": 1, "messages": [{"role": "user", "content": f"Hi {i}"}]}
+                  for i, u in enumerate(users + users[:8])]
+        res = asyncio.run(_post_all(url, bodies))
+        assert all(r.status_code == 200 for r in res), [r.text for r in res if r.status_code != 200][:2]
+        got = {}
+        for b, r in zip(bodies, res):
+            assert got.setdefault(b["user"], r.headers["x-variant"]) == r.headers["x-variant"]     # sticky: the repeat gets the same variant
+        assert got == {u: assign_variant(u, split, salt) for u in users}        # the same function every worker process computes
+        share_http = sum(v == "a" for v in got.values()) / len(got)
+        assert abs(share_http - sum(assign_variant(u, split, salt) == "a" for u in users) / len(users)) < 1e-9
+        rag = post(url, {"question": "Why measure p95?", "max_tokens": 2}, "/rag", headers={"X-User": "u3"})
+        assert rag.status_code == 200 and rag.json()["variant"] == got["u3"] == rag.headers["x-variant"]
+        anon = post(url, hi())
+        assert anon.status_code == 200 and anon.headers["x-variant"] in ("a", "b")      # no key: still assigned, not sticky
+        h = httpx.get(url + "/health").json()
+        assert h["variants"]["a"]["weight"] == 0.7 and sum(v["requests"] for v in h["variants"].values()) == len(bodies) + 2
+    traces = Tracer(tmp_path/"traces.jsonl").read()
+    assert len(traces) == len(bodies) + 2
+    by_id = {t["trace_id"]: t for t in traces}
+    for b, r in zip(bodies, res):
+        t = by_id[r.headers["x-trace-id"]]
+        assert (t["variant"], t["user"], t["template_id"], t["backend_model"]) == (got[b["user"]], b["user"], "chat", "packaged:smollm2-135m-instruct")
+    t = by_id[rag.json()["trace_id"]]
+    assert t["variant"] == got["u3"] and t["template_id"] == RAG_TEMPLATE_ID and t["user"] == "u3"
+    assert by_id[anon.headers["x-trace-id"]]["user"] is None
+
+
+async def _post_all(url, bodies, concurrency=16):
+    sem = asyncio.Semaphore(concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        async def one(b):
+            async with sem: return await c.post("/v1/chat/completions", json=b)
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_variant_params_are_checked(tmp_path):
+    with pytest.raises(ParamsError, match="must match serve.variants"):
+        section_params("serve", variants="a=x,b=y", split="a=0.5,c=0.5")
+    with pytest.raises(ParamsError, match="name=model_reference"):
+        section_params("serve", variants="a=x,b")
+    with pytest.raises(ParamsError, match="may not be named feedback.jsonl"):
+        section_params("serve", trace_path="logs/feedback.jsonl")
+    assert section_params("serve").variant_refs() == {"main": "auto"} and section_params("serve").weights() == {"main": 1.0}
+    with pytest.raises(FileNotFoundError, match="serve.prompts_dir"):
+        create_app(section_params("serve", prompts_dir=str(tmp_path/"none")))
+    with pytest.raises(KeyError, match="no prompt template `nope`"):
+        create_app(section_params("serve", prompts_dir=str(ROOT/"prompts"), rag_template="nope"))
