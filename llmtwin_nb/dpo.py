@@ -21,9 +21,9 @@ from .sft import (load_evalsets, Decontaminator, near_duplicates, last_checkpoin
 # %% auto #0
 __all__ = ['JUDGE_PROMPT', 'DATASET_CARD', 'TRAIN_KEYS', 'CURVE_KEYS', 'DpoParams', 'resolve_ref', 'trim_dangling',
            'load_instruct', 'is_complete', 'keep_chosen', 'dedup_rows', 'decontaminate', 'select_prompts',
-           'generate_answers', 'make_pairs', 'check_pairs', 'judge_pairs', 'make_judge', 'build_preference',
-           'save_preference', 'load_feedback_pairs', 'check_reference', 'check_adapter_base', 'dpo_config',
-           'prepare_checkpoints', 'train_dpo', 'merge_adapter', 'curves_table', 'write_curves']
+           'generate_answers', 'make_pairs', 'check_pairs', 'judge_pairs', 'make_judge', 'trim_to_sentence',
+           'build_preference', 'save_preference', 'load_feedback_pairs', 'check_reference', 'check_adapter_base',
+           'dpo_config', 'prepare_checkpoints', 'train_dpo', 'merge_adapter', 'curves_table', 'write_curves']
 
 # %% ../nbs/04_dpo.ipynb #5a95d52d
 @register_params("dpo")
@@ -255,6 +255,13 @@ def make_judge(cfg: DpoParams, seed: int = 42):
     return CachedBackend(b, ResponseCache(cache_dir()/"responses"))
 
 # %% ../nbs/04_dpo.ipynb #392399fb
+_SENTENCE_END = re.compile(r"""[.!?]["')\]”’]*(?=\s|$)""")
+
+def trim_to_sentence(text: str) -> str:
+    "`text` up to the end of its last complete sentence ('' when none ends): what an answer cut by a token budget keeps."
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]].rstrip() if ends else ""
+
 def build_preference(rows: list[dict], backend: LocalChatBackend, cfg: DpoParams, seed: int = 42,
                      evalsets: dict[str, list[dict]] | None = None, cache: ResponseCache | None = None, judge=None, log=print) -> tuple[dict, dict]:
     "({train, test} preference pairs, report) from instruct rows and the model that writes the rejected answers."
@@ -262,9 +269,11 @@ def build_preference(rows: list[dict], backend: LocalChatBackend, cfg: DpoParams
     out, t0 = {}, time.time()
     for split, part in sel.items():
         res = generate_answers(backend, [r["prompt"] for r in part], cfg.gen_max_new_tokens, cfg.gen_batch_size, cache, log)
-        pairs, rep = make_pairs(part, [r.text for r in res])
+        # an answer cut by the token budget ends mid-sentence while every chosen answer ends one: trim it to its last
+        # sentence, or DPO learns "prefer the answer that ends" instead of the author's voice (no sentence: dropped as empty)
+        pairs, rep = make_pairs(part, [trim_to_sentence(r.text) if r.finish_reason == "length" else r.text for r in res])
         for k, v in rep.items(): report[k] = report.get(k, 0) + v
-        report[f"{split}_rejected_truncated"] = sum(r.finish_reason == "length" for r in res)
+        report[f"{split}_rejected_trimmed"] = sum(r.finish_reason == "length" for r in res)
         if judge is not None:
             pairs, report[f"{split}_judge_dropped"] = judge_pairs(pairs, judge, seed)
         check_pairs(pairs); out[split] = pairs
@@ -284,7 +293,8 @@ Built by `nbs/04_dpo.ipynb` (llmtwin_nb), following chapter 6 of *LLM Engineer's
 - `prompt`: the instruction (conversation up to the answer), from the SFT chapter's instruct dataset `{instruct}`.
 - `chosen`: the author's own text for that instruction (the SFT completion).
 - `rejected`: what `{rejected_model}` (`dpo.rejected_from: {rejected_from}`) writes for the same prompt: greedy,
-  at most {max_new_tokens} new tokens, batched with left padding.
+  at most {max_new_tokens} new tokens, batched with left padding; an answer cut by that budget is trimmed to its last
+  complete sentence, so both sides end a sentence.
 - `doc_id`, `split`: the warehouse document the pair comes from and its split; test pairs come only from test documents.
 
 Filters: chosen at least {min_chars} characters and ending a sentence (or closing a code fence); duplicates removed;

@@ -22,9 +22,10 @@ __all__ = ['BRITISH', 'AMERICAN', 'PHRASES', 'STYLE_FEATURES', 'JUDGE_SYSTEM', '
            'PLOT_METRICS', 'EvalParams', 'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint',
            'generate_batch', 'stopwatch', 'lap', 'save_generations', 'load_generations', 'sentences', 'clip_text',
            'style_features', 'TwinScorer', 'auc', 'synthetic_styles', 'text_nll', 'chat_nll', 'perplexity',
-           'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers', 'bootstrap_ci', 'mean_diff_ci',
-           'ppl_diff_ci', 'mc_items', 'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores',
-           'ragas_scores', 'judge_means', 'paired_judge_ci', 'comparison_rows', 'plot_comparison']
+           'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers', 'judge_answers_logprob',
+           'judge_sanity', 'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci', 'mc_items', 'write_lmeval_task', 'run_lmeval',
+           'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci', 'comparison_rows',
+           'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
@@ -414,6 +415,48 @@ def judge_answers(backend, items: list[dict], max_new_tokens: int = 96, batch_si
         try: out.append(dict(parse_judgement(r.text), raw=r.text))
         except JudgeParseError as e: out.append(dict(error=str(e), raw=r.text))
     return out
+
+# %% ../nbs/05_eval.ipynb #ebdea2f0
+def _judge_prefix_scores(model, tok, prompts: list[str], candidates=("1", "2", "3"), batch_size: int = 6) -> np.ndarray:
+    "Per prompt: the probabilities of each candidate continuation, renormalised over the candidates `[n, len(candidates)]`."
+    import torch
+    seqs, cand_ids = [], []
+    for p in prompts:
+        ids = tok(p, add_special_tokens=False)["input_ids"]
+        cands = [tok(p + c, add_special_tokens=False)["input_ids"][len(ids):] for c in candidates]
+        if any(len(c) != 1 or tok(p + cc, add_special_tokens=False)["input_ids"][:len(ids)] != ids for c, cc in zip(cands, candidates)):
+            raise ValueError(f"each candidate {candidates} must add exactly one token after the prompt with this tokenizer")
+        seqs.append(ids); cand_ids.append([c[0] for c in cands])
+    lp = []
+    for b in range(0, len(seqs), batch_size):     # one forward per prompt: the candidates' log-probs at its last position
+        part = seqs[b:b + batch_size]; L = max(map(len, part))
+        ids = torch.full((len(part), L), tok.pad_token_id or 0); att = torch.zeros((len(part), L), dtype=torch.long)
+        for r, q in enumerate(part): ids[r, :len(q)] = torch.tensor(q); att[r, :len(q)] = 1
+        with torch.inference_mode(): logits = model(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.float().cpu()
+        for r, q in enumerate(part): lp.append(torch.log_softmax(logits[r, len(q) - 1], -1)[cand_ids[b + r]].numpy())
+    lp = np.array(lp, dtype=float)
+    p = np.exp(lp - lp.max(1, keepdims=True))
+    return p / p.sum(1, keepdims=True)
+
+def judge_answers_logprob(model, tok, items: list[dict], batch_size: int = 6) -> list[dict]:
+    "The rubric scored by reading the judge model's next-token probabilities of 1/2/3 (no text to parse): `{accuracy, style}` in [1, 3]."
+    scale = np.array([1.0, 2.0, 3.0])
+    base = [tok.apply_chat_template(judge_messages(it["instruction"], it["answer"], it["reference"]), add_generation_prompt=True, tokenize=False)
+            for it in items]
+    pa = _judge_prefix_scores(model, tok, [b + '{"accuracy": {"score": ' for b in base], batch_size=batch_size)
+    acc_top = pa.argmax(1) + 1
+    ps = _judge_prefix_scores(model, tok, [b + f'{{"accuracy": {{"score": {a}}}, "style": {{"score": ' for b, a in zip(base, acc_top)], batch_size=batch_size)
+    return [dict(accuracy=round(float(a @ scale), 4), style=round(float(s @ scale), 4), raw=f"p(1,2,3) accuracy {np.round(a, 3).tolist()} style {np.round(s, 3).tolist()}")
+            for a, s in zip(pa, ps)]
+
+def judge_sanity(model, tok, items: list[dict], batch_size: int = 6) -> dict:
+    "Does the log-prob judge score the author's reference (as the answer) above a different item's reference? Mean accuracy of each."
+    if len(items) < 2: return dict(note="needs at least 2 items")
+    own = [dict(it, answer=it["reference"]) for it in items]
+    other = [dict(it, answer=items[(k + 1) % len(items)]["reference"]) for k, it in enumerate(items)]
+    a, b = (np.array([j["accuracy"] for j in judge_answers_logprob(model, tok, x, batch_size)]) for x in (own, other))
+    return dict(reference_as_answer=round(float(a.mean()), 4), other_reference_as_answer=round(float(b.mean()), 4),
+                prefers_reference=round(float(np.mean(a > b)), 4), items=len(items))
 
 # %% ../nbs/05_eval.ipynb #48e77e31
 def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, B: int = 1000, seed: int = 0, level: float = 0.95) -> dict:

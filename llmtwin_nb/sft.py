@@ -48,6 +48,7 @@ class SftParams(Section):
     lora_r: int = Field(16, gt=0)
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
+    lora_layers: int = Field(0, ge=0, description="adapt only the top N transformer layers (0: all); the backward pass stops below them")
     target_modules: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", min_length=1)
     learning_rate: float = Field(3e-4, gt=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
@@ -441,7 +442,7 @@ def save_instruct_dataset(ds, report: dict, out: str | Path) -> Path:
 class CheckpointMismatch(RuntimeError):
     "A checkpoint written by a different training configuration."
 
-TRAIN_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "epochs",
+TRAIN_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_layers", "target_modules", "learning_rate", "lr_scheduler", "warmup_ratio", "epochs",
               "max_steps", "batch_size", "grad_accum", "max_length", "packing", "gradient_checkpointing", "quantization", "save_steps")
 CONFIG_FILE = "llmtwin_sft_config.json"
 
@@ -556,8 +557,11 @@ def train_sft(train_ds, eval_ds, cfg: SftParams, base_model: str, *, data_versio
                      save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, report_to="none",
                      bf16=bf16, use_cpu=dev == "cpu", dataloader_num_workers=0, disable_tqdm=True,
                      optim="paged_adamw_8bit" if cfg.quantization == "4bit" else "adamw_torch")
+    n_layers = model.config.num_hidden_layers
+    if cfg.lora_layers > n_layers: raise ValueError(f"sft.lora_layers = {cfg.lora_layers} but {base_model} has {n_layers} layers; use 0 (all) up to {n_layers}")
+    top = dict(layers_to_transform=list(range(n_layers - cfg.lora_layers, n_layers)), layers_pattern="layers") if cfg.lora_layers else {}
     peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                          target_modules=[m.strip() for m in cfg.target_modules.split(",")])
+                          target_modules=[m.strip() for m in cfg.target_modules.split(",")], **top)
     seed_everything(seed)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                          peft_config=peft_cfg, callbacks=[*_callbacks(config), *callbacks])
