@@ -19,6 +19,9 @@ TABLES = [
     ("dpo.json", "DPO", [("train_pairs", "train pairs"), ("eval_reward_accuracy", "eval reward accuracy"), ("eval_reward_margin", "eval reward margin"), ("seconds", "seconds")]),
     ("inference.json", "Inference (CPU)", [("kv_cache_speedup", "KV-cache speed-up"), ("batch8_throughput_speedup", "batch-8 throughput speed-up"),
                                            ("memory_bandwidth_gbs", "memory bandwidth GB/s"), ("roofline_fraction_batch1", "roofline fraction, batch 1")]),
+    ("mlops.json", "MLOps loop (simulated traffic through the real server)",
+     [("feedback_records", "feedback records"), ("new_pairs", "new preference pairs"), ("new_sft_rows", "new SFT rows"),
+      ("ab_max_abs_error", "A/B split max abs error"), ("drift_score", "drift score"), ("drift_flag", "drift flagged"), ("error_rate", "error rate")]),
     ("serve.json", "Serving", [("requests", "requests"), ("errors", "errors"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("requests_per_s", "requests/s"), ("batching_speedup", "batching speed-up")]),
 ]
 
@@ -55,6 +58,11 @@ def render() -> str:
         if diffs:
             out += ["Differences with 95% paired-bootstrap intervals:", "", "| pair | " + " | ".join(dkeys) + " |", "|---|" + "---|" * len(dkeys)]
             out += [f"| {p} | " + " | ".join(ci(d.get(k)) for k in dkeys) + " |" for p, d in diffs.items()] + [""]
+        js = full.get("judge_sanity")
+        if isinstance(js, dict) and "prefers_reference" in js:
+            out += [f"Judge: {full.get('judge')}; sanity check on {js['items']} items: it scores the author's own reference "
+                    f"{js['reference_as_answer']} vs another item's {js['other_reference_as_answer']} (prefers the reference on "
+                    f"{js['prefers_reference']:.0%} of items; 50% = cannot tell).", ""]
         cal = full.get("calibration", {})
         if cal:
             out += [f"Twin-score calibration on held-out text: author {get(cal, 'author_heldout_mean')}, base model {get(cal, 'base_test_mean')}, "
