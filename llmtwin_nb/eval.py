@@ -23,9 +23,9 @@ __all__ = ['BRITISH', 'AMERICAN', 'PHRASES', 'STYLE_FEATURES', 'JUDGE_SYSTEM', '
            'generate_batch', 'stopwatch', 'lap', 'save_generations', 'load_generations', 'sentences', 'clip_text',
            'style_features', 'TwinScorer', 'auc', 'synthetic_styles', 'text_nll', 'chat_nll', 'perplexity',
            'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers', 'judge_answers_logprob',
-           'judge_sanity', 'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci', 'mc_items', 'write_lmeval_task', 'run_lmeval',
-           'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci', 'comparison_rows',
-           'plot_comparison']
+           'judge_sanity', 'repetition_stats', 'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci', 'mc_items',
+           'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means',
+           'paired_judge_ci', 'comparison_rows', 'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
@@ -457,6 +457,19 @@ def judge_sanity(model, tok, items: list[dict], batch_size: int = 6) -> dict:
     a, b = (np.array([j["accuracy"] for j in judge_answers_logprob(model, tok, x, batch_size)]) for x in (own, other))
     return dict(reference_as_answer=round(float(a.mean()), 4), other_reference_as_answer=round(float(b.mean()), 4),
                 prefers_reference=round(float(np.mean(a > b)), 4), items=len(items))
+
+# %% ../nbs/05_eval.ipynb #c8d8176c
+def repetition_stats(texts: list[str], first_words: int = 40) -> dict:
+    "Mean type-token ratio of the first `first_words` words and mean share of repeated word 4-grams, over non-empty texts."
+    ttr, rep = [], []
+    for t in texts:
+        w = re.findall(r"\w+", t.lower())
+        if not w: continue
+        ttr.append(len(set(w[:first_words])) / len(w[:first_words]))
+        grams = Counter(tuple(w[i:i + 4]) for i in range(len(w) - 3))
+        rep.append(sum(v for v in grams.values() if v > 1) / max(sum(grams.values()), 1))
+    return dict(type_token_ratio=round(float(np.mean(ttr)), 4) if ttr else None,
+                repeated_4gram_share=round(float(np.mean(rep)), 4) if rep else None, texts=len(ttr))
 
 # %% ../nbs/05_eval.ipynb #48e77e31
 def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, B: int = 1000, seed: int = 0, level: float = 0.95) -> dict:

@@ -47,8 +47,8 @@ def render() -> str:
     if (ROOT/"results"/"eval.json").exists():
         full = json.loads((ROOT/"results"/"eval.json").read_text())
         ev = full.get("models", {})
-        keys = ["twin_score", "perplexity", "judge_accuracy", "judge_style", "judge"]
-        extra = [("perplexity_chat", "perplexity (chat)"), ("lmeval.llmtwin_author_mc.acc", "author MC acc (lm-eval)"), ("ragas.rouge_l", "RAG ROUGE-L (ragas)")]
+        keys = ["twin_score", "perplexity", "judge_accuracy", "judge_style"]
+        extra = [("perplexity_chat", "perplexity (chat)"), ("lmeval.llmtwin_author_mc.acc", "author MC acc (lm-eval)"), ("ragas.rouge_l", "RAG ROUGE-L (ragas)"), ("repetition.repeated_4gram_share", "repeated 4-gram share")]
         out += ["**Evaluation** (`results/eval.json`)", "", "| model | " + " | ".join(keys + [l for _, l in extra]) + " |", "|---|" + "---|" * (len(keys) + len(extra))]
         def gv(v, k): r = get(v, k); return "–" if r == "None" else r          # None: e.g. no judgement parsed
         out += [f"| {m} | " + (f"skipped: {v['skipped']} |" if "skipped" in v else " | ".join(gv(v, k) for k in keys + [k for k, _ in extra]) + " |") for m, v in ev.items()] + [""]
