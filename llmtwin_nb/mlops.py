@@ -30,7 +30,7 @@ __all__ = ['FEEDBACK_STAGE_PARAMS', 'TRACES_FILE', 'OFF_TOPIC_QUESTIONS', 'Mlops
 class MlopsParams(Section):
     logs_dir: str = Field("logs", min_length=1, description="where the production service's traces.jsonl and feedback.jsonl are collected")
     out_dir: str = Field("artifacts/feedback", min_length=1, description="new SFT rows / preference pairs (the feedback stage) and sim/ (the simulation)")
-    simulate_requests: int = Field(160, ge=0, description="requests simulated through the real server when logs_dir has no feedback (0: never)")
+    simulate_requests: int = Field(300, ge=0, description="requests simulated through the real server when logs_dir has no feedback (0: never)")
     sim_concurrency: int = Field(8, ge=1, le=256)
     sim_max_tokens: int = Field(8, gt=0, le=512, description="max_tokens of simulated requests (small: CPU budget)")
     sim_rag_fraction: float = Field(0.3, ge=0, le=1, description="share of simulated requests sent to /rag (the rest: chat)")

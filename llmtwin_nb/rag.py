@@ -73,7 +73,7 @@ class RagParams(Section):
     llm_questions: int = Field(6, ge=0, description="how many of the generated questions the LLM attempts (rest: rules)")
     llm_eval_n: int = Field(6, ge=0, description="questions on which the LLM expansion/self-query are measured")
     copy_ngram: int = Field(5, ge=2, le=20, description="a generated question sharing a word n-gram this long with its chunk is rejected")
-    scale_max_chunks: int = Field(10000, ge=1000, description="the scale benchmark runs 1k, 10k, 100k chunks up to this many")
+    scale_max_chunks: int = Field(100000, ge=1000, description="the scale benchmark runs 1k, 10k, 100k chunks up to this many")
 
 # %% ../nbs/02_rag.ipynb #4dfd5508
 _POOLS = None                                                            # threadpoolctl's view of numpy's BLAS, made once
