@@ -281,12 +281,18 @@ def synthetic_styles(n: int = 40, seed: int = 0) -> tuple[list[str], list[str]]:
 def _next_token_logprobs(model, tok, seqs: list[list[int]]):
     "Right-padded batch of token id lists -> (log-prob of each next token `[B, L-1]`, attention mask `[B, L]`), on the CPU."
     import torch
+    logits, ids, att = _right_padded_logits(model, tok, seqs)
+    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(logits.device))[..., 0].cpu(), att
+
+def _right_padded_logits(model, tok, seqs: list[list[int]]):
+    "One forward pass over a right-padded batch of token id lists: (float logits `[B, L, V]` on the model's device, ids, mask)."
+    import torch
     L = max(len(q) for q in seqs)
     ids = torch.full((len(seqs), L), tok.pad_token_id or 0); att = torch.zeros((len(seqs), L), dtype=torch.long)
     for r, q in enumerate(seqs): ids[r, :len(q)] = torch.tensor(q); att[r, :len(q)] = 1
     with torch.inference_mode():
         logits = model(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.float()
-    return torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(model.device))[..., 0].cpu(), att
+    return logits, ids, att
 
 def text_nll(model, tok, texts: list[str], window: int = 512, max_tokens: int | None = None, batch_size: int = 4) -> list[tuple[float, int]]:
     """Per text: (summed negative log-likelihood in nats, scored tokens), in windows of `window` tokens (each starts with BOS/EOS).
@@ -423,17 +429,15 @@ def _judge_prefix_scores(model, tok, prompts: list[str], candidates=("1", "2", "
     seqs, cand_ids = [], []
     for p in prompts:
         ids = tok(p, add_special_tokens=False)["input_ids"]
-        cands = [tok(p + c, add_special_tokens=False)["input_ids"][len(ids):] for c in candidates]
-        if any(len(c) != 1 or tok(p + cc, add_special_tokens=False)["input_ids"][:len(ids)] != ids for c, cc in zip(cands, candidates)):
+        full = [tok(p + c, add_special_tokens=False)["input_ids"] for c in candidates]
+        if any(len(f) != len(ids) + 1 or f[:len(ids)] != ids for f in full):
             raise ValueError(f"each candidate {candidates} must add exactly one token after the prompt with this tokenizer")
-        seqs.append(ids); cand_ids.append([c[0] for c in cands])
+        seqs.append(ids); cand_ids.append([f[-1] for f in full])
     lp = []
     for b in range(0, len(seqs), batch_size):     # one forward per prompt: the candidates' log-probs at its last position
-        part = seqs[b:b + batch_size]; L = max(map(len, part))
-        ids = torch.full((len(part), L), tok.pad_token_id or 0); att = torch.zeros((len(part), L), dtype=torch.long)
-        for r, q in enumerate(part): ids[r, :len(q)] = torch.tensor(q); att[r, :len(q)] = 1
-        with torch.inference_mode(): logits = model(input_ids=ids.to(model.device), attention_mask=att.to(model.device)).logits.float().cpu()
-        for r, q in enumerate(part): lp.append(torch.log_softmax(logits[r, len(q) - 1], -1)[cand_ids[b + r]].numpy())
+        part = seqs[b:b + batch_size]
+        logits, _, _ = _right_padded_logits(model, tok, part)
+        for r, q in enumerate(part): lp.append(torch.log_softmax(logits[r, len(q) - 1], -1)[cand_ids[b + r]].cpu().numpy())
     lp = np.array(lp, dtype=float)
     p = np.exp(lp - lp.max(1, keepdims=True))
     return p / p.sum(1, keepdims=True)
