@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #41cd1a74
 from __future__ import annotations
 
-import contextlib, dataclasses, difflib, fcntl, hashlib, importlib, importlib.util, json, os, random
+import contextlib, dataclasses, difflib, fcntl, hashlib, importlib, importlib.util, json, os, pkgutil, random
 import shutil, sys, time, uuid
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol
@@ -14,8 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # %% auto #0
-__all__ = ['PARAM_SECTIONS', 'SECTION_MODULES', 'PACKAGED', 'MANIFEST', 'RETRYABLE', 'ParamsError', 'Section', 'register_params',
-           'CoreParams', 'ModelsParams', 'LLMParams', 'section_params', 'parse_override', 'load_params',
+__all__ = ['PARAM_SECTIONS', 'PACKAGED', 'MANIFEST', 'RETRYABLE', 'ParamsError', 'Section', 'register_params', 'CoreParams',
+           'ModelsParams', 'LLMParams', 'section_params', 'package_modules', 'parse_override', 'load_params',
            'check_params_cli', 'project_root', 'Paths', 'get_paths', 'cache_dir', 'profile_flags', 'profile_cli',
            'seed_everything', 'pick_device', 'pick_dtype', 'package_dir', 'resolve_model', 'write_manifest',
            'verify_model_dir', 'file_lock', 'convert_gguf', 'load_llm', 'load_embedder', 'ChatResult', 'BackendError',
@@ -31,8 +31,6 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 PARAM_SECTIONS: dict[str, type[Section]] = {}
-SECTION_MODULES = {"data": "data", "rag": "rag", "sft": "sft", "dpo": "dpo", "eval": "eval",
-                   "inference": "inference", "serve": "serve", "mlops": "mlops"}
 
 def register_params(name: str):
     "Class decorator: register a `Section` schema as the top-level params section `name`."
@@ -93,14 +91,19 @@ def section_params(section: str, values: dict | None = None, **kw) -> Section:
     try: return cls(**{**(values or {}), **kw})
     except ValidationError as err: raise ParamsError(f"params.yaml: {_explain(section, cls, err)}") from None
 
+def package_modules() -> list[str]:
+    "The package's modules: a params section is named after the module that declares it."
+    import llmtwin_nb
+    return [m.name for m in pkgutil.iter_modules(llmtwin_nb.__path__) if not m.name.startswith("_")]
+
 def _section_class(section: str) -> type[Section]:
-    if section not in PARAM_SECTIONS and section in SECTION_MODULES:
-        importlib.import_module(f"llmtwin_nb.{SECTION_MODULES[section]}")
+    if section not in PARAM_SECTIONS and section in package_modules():
+        importlib.import_module(f"llmtwin_nb.{section}")
         # chapters register with the installed package's registry; when this code runs as the notebook itself,
         # that is a different dict from ours, so merge it in
         PARAM_SECTIONS.update(importlib.import_module("llmtwin_nb.core").PARAM_SECTIONS)
     if section not in PARAM_SECTIONS:
-        known = sorted(set(PARAM_SECTIONS) | set(SECTION_MODULES))
+        known = sorted(set(PARAM_SECTIONS) | set(package_modules()))
         close = difflib.get_close_matches(section, known, n=1)
         raise ParamsError(f"params.yaml: unknown section `{section}`" + (f"; did you mean `{close[0]}`?" if close else "")
                           + f" known sections: {', '.join(known)}")

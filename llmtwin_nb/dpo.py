@@ -22,8 +22,9 @@ from .sft import (load_evalsets, Decontaminator, near_duplicates, last_checkpoin
 __all__ = ['JUDGE_PROMPT', 'DATASET_CARD', 'TRAIN_KEYS', 'CURVE_KEYS', 'DpoParams', 'resolve_ref', 'trim_dangling',
            'load_instruct', 'is_complete', 'keep_chosen', 'dedup_rows', 'decontaminate', 'select_prompts',
            'generate_answers', 'make_pairs', 'check_pairs', 'judge_pairs', 'make_judge', 'trim_to_sentence',
-           'build_preference', 'save_preference', 'load_feedback_pairs', 'check_reference', 'check_adapter_base',
-           'dpo_config', 'prepare_checkpoints', 'train_dpo', 'merge_adapter', 'curves_table', 'write_curves']
+           'too_few_pairs', 'build_preference', 'save_preference', 'load_feedback_pairs', 'check_reference',
+           'check_adapter_base', 'dpo_config', 'prepare_checkpoints', 'train_dpo', 'merge_adapter', 'curves_table',
+           'write_curves']
 
 # %% ../nbs/04_dpo.ipynb #5a95d52d
 @register_params("dpo")
@@ -33,7 +34,8 @@ class DpoParams(Section):
     rejected_from: Literal["sft", "base"] = Field("sft", description="who writes the rejected answers: the SFT model or models.llm")
     min_chosen_chars: int = Field(100, ge=1, description="the book's filter: chosen answers at least this long")
     decontam_ngram: int = Field(8, ge=3, le=50, description="word n-gram size for decontamination against artifacts/evalsets")
-    max_train_pairs: int = Field(80, ge=1, description="cap on training pairs (generation + training time)")
+    max_train_pairs: int = Field(64, ge=1, description="cap on training pairs (generation + training time)")
+    min_train_pairs: int = Field(50, ge=1, description="fewest training pairs worth a DPO run: fewer is an error saying what to change")
     max_test_pairs: int = Field(24, ge=1, description="cap on held-out pairs")
     gen_max_new_tokens: int = Field(96, gt=0, le=4096, description="length of the generated rejected answers")
     gen_batch_size: int = Field(8, gt=0, le=256, description="prompts per batched generate call (left padding)")
@@ -58,7 +60,10 @@ class DpoParams(Section):
     feedback_pairs: bool = Field(True, description="append the feedback stage's pairs from users (artifacts/feedback/preference.jsonl) to the training pairs")
 
     @model_validator(mode="after")
-    def _judge_needs_endpoint(self):
+    def _consistent(self):
+        if self.min_train_pairs > self.max_train_pairs:
+            raise ValueError(f"dpo.min_train_pairs ({self.min_train_pairs}) is above dpo.max_train_pairs ({self.max_train_pairs}): "
+                             "the cap would make every run fail; raise max_train_pairs or lower min_train_pairs")
         if self.judge and not (self.judge_base_url and self.judge_model):
             raise ValueError("dpo.judge: true needs dpo.judge_base_url and dpo.judge_model (an OpenAI-compatible endpoint)")
         return self
@@ -141,9 +146,12 @@ def decontaminate(rows: list[dict], evalsets: dict[str, list[dict]], n: int = 8)
 
 # %% ../nbs/04_dpo.ipynb #9065fb0d
 def select_prompts(rows: list[dict], min_chars: int = 100, max_train: int = 96, max_test: int = 32, seed: int = 42,
-                   evalsets: dict[str, list[dict]] | None = None, ngram: int = 8) -> tuple[dict[str, list[dict]], dict]:
-    "Filter, dedup, decontaminate and cap the instruct rows per split; returns ({train, test}, drop report)."
+                   evalsets: dict[str, list[dict]] | None = None, ngram: int = 8, doc_ids: set[str] | None = None) -> tuple[dict[str, list[dict]], dict]:
+    "Keep `doc_ids`' rows (the twin's documents, when given), filter, dedup, decontaminate and cap them per split; returns ({train, test}, drop report)."
     report = {}
+    if doc_ids is not None:
+        mine = [r for r in rows if r["doc_id"] in doc_ids]
+        report["other author"] = len(rows) - len(mine); rows = mine
     for r in rows:
         if (why := keep_chosen(r["chosen"], min_chars)) is not None: report[why] = report.get(why, 0) + 1
     ok = [r for r in rows if keep_chosen(r["chosen"], min_chars) is None]
@@ -263,22 +271,40 @@ def trim_to_sentence(text: str) -> str:
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
     return text[:ends[-1]].rstrip() if ends else ""
 
+def too_few_pairs(n: int, cfg: DpoParams, n_rows: int, report: dict) -> str:
+    "The error for a preference set smaller than `dpo.min_train_pairs`: what was dropped, and what to change."
+    return (f"only {n} training pairs (dpo.min_train_pairs = {cfg.min_train_pairs}) from {n_rows} instruct rows; dropped: {report}. "
+            f"Add more of the twin's documents (data.sources), raise dpo.max_train_pairs (now {cfg.max_train_pairs}), lower "
+            f"dpo.min_chosen_chars (now {cfg.min_chosen_chars}), raise dpo.gen_max_new_tokens (cut answers without a complete "
+            "sentence are dropped), or lower dpo.min_train_pairs")
+
 def build_preference(rows: list[dict], backend: LocalChatBackend, cfg: DpoParams, seed: int = 42,
-                     evalsets: dict[str, list[dict]] | None = None, cache: ResponseCache | None = None, judge=None, log=print) -> tuple[dict, dict]:
-    "({train, test} preference pairs, report) from instruct rows and the model that writes the rejected answers."
-    sel, report = select_prompts(rows, cfg.min_chosen_chars, cfg.max_train_pairs, cfg.max_test_pairs, seed, evalsets, cfg.decontam_ngram)
+                     evalsets: dict[str, list[dict]] | None = None, cache: ResponseCache | None = None, judge=None, log=print,
+                     doc_ids: set[str] | None = None) -> tuple[dict, dict]:
+    """({train, test} preference pairs, report) from instruct rows (of `doc_ids`' documents, when given) and the model that writes
+    the rejected answers: up to `max_train_pairs` / `max_test_pairs` pairs, refilled from the next prompts when a pair is dropped."""
+    pool, report = select_prompts(rows, cfg.min_chosen_chars, len(rows), len(rows), seed, evalsets, cfg.decontam_ngram, doc_ids)   # shuffled, uncapped
+    if len(pool["train"]) < cfg.min_train_pairs: raise ValueError(too_few_pairs(len(pool["train"]), cfg, len(rows), report))   # before generating
     out, t0 = {}, time.time()
-    for split, part in sel.items():
-        res = generate_answers(backend, [r["prompt"] for r in part], cfg.gen_max_new_tokens, cfg.gen_batch_size, cache, log)
-        # an answer cut by the token budget ends mid-sentence while every chosen answer ends one: trim it to its last
-        # sentence, or DPO learns "prefer the answer that ends" instead of the author's voice (no sentence: dropped as empty)
-        pairs, rep = make_pairs(part, [trim_to_sentence(r.text) if r.finish_reason == "length" else r.text for r in res])
-        for k, v in rep.items(): report[k] = report.get(k, 0) + v
-        report[f"{split}_rejected_trimmed"] = sum(r.finish_reason == "length" for r in res)
-        if judge is not None:
-            pairs, report[f"{split}_judge_dropped"] = judge_pairs(pairs, judge, seed)
+    for split, cap in (("train", cfg.max_train_pairs), ("test", cfg.max_test_pairs)):
+        part, pairs, pos = pool[split], [], 0
+        report[f"{split}_rejected_trimmed"] = 0
+        while len(pairs) < cap and pos < len(part):      # generate only for the prompts still needed (the expensive part)
+            batch = part[pos:pos + cap - len(pairs)]; pos += len(batch)
+            res = generate_answers(backend, [r["prompt"] for r in batch], cfg.gen_max_new_tokens, cfg.gen_batch_size, cache, log)
+            # an answer cut by the token budget ends mid-sentence while every chosen answer ends one: trim it to its last
+            # sentence, or DPO learns "prefer the answer that ends" instead of the author's voice (no sentence: dropped as empty)
+            new, rep = make_pairs(batch, [trim_to_sentence(r.text) if r.finish_reason == "length" else r.text for r in res])
+            for k, v in rep.items(): report[k] = report.get(k, 0) + v
+            report[f"{split}_rejected_trimmed"] += sum(r.finish_reason == "length" for r in res)
+            if judge is not None:
+                new, dropped = judge_pairs(new, judge, seed)
+                report[f"{split}_judge_dropped"] = report.get(f"{split}_judge_dropped", 0) + dropped
+            pairs += new
+        report[f"{split}_prompts_generated"] = pos
         check_pairs(pairs); out[split] = pairs
     report["generation_s"] = round(time.time() - t0, 1)
+    if len(out["train"]) < cfg.min_train_pairs: raise ValueError(too_few_pairs(len(out["train"]), cfg, len(rows), report))
     return out, report
 
 DATASET_CARD = """---

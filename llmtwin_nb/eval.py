@@ -13,19 +13,19 @@ from typing import Callable, Iterable, Optional
 import numpy as np
 from pydantic import Field
 
-from .core import (ParamsError, Section, register_params, section_params, get_paths, write_json, hardware_info,
+from .core import (ParamsError, Section, register_params, section_params, load_params, get_paths, write_json, hardware_info,
                              seed_everything, pick_device, load_llm, load_embedder, resolve_model, make_backend,
                              LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir)
 
 # %% auto #0
-__all__ = ['BRITISH', 'AMERICAN', 'PHRASES', 'STYLE_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'LMEVAL_TASK', 'RAG_SYSTEM',
-           'PLOT_METRICS', 'EvalParams', 'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint',
-           'generate_batch', 'stopwatch', 'lap', 'save_generations', 'load_generations', 'sentences', 'clip_text',
-           'style_features', 'TwinScorer', 'auc', 'synthetic_styles', 'text_nll', 'chat_nll', 'perplexity',
-           'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers', 'judge_answers_logprob',
-           'judge_sanity', 'repetition_stats', 'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci', 'mc_items',
-           'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means',
-           'paired_judge_ci', 'comparison_rows', 'plot_comparison']
+__all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'LMEVAL_TASK', 'RAG_SYSTEM', 'PLOT_METRICS', 'EvalParams',
+           'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint', 'generate_batch', 'stopwatch', 'lap',
+           'save_generations', 'load_generations', 'sentences', 'clip_text', 'passages', 'normalize_text',
+           'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll',
+           'chat_nll', 'perplexity', 'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers',
+           'judge_answers_logprob', 'judge_sanity', 'repetition_stats', 'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci',
+           'cluster_means', 'twin_position', 'mc_items', 'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l',
+           'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci', 'comparison_rows', 'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
@@ -37,8 +37,9 @@ class EvalParams(Section):
     max_prompts: int = Field(24, gt=0, description="held-out instructions every model answers")
     max_new_tokens: int = Field(80, gt=0, le=4096)
     batch_size: int = Field(8, gt=0, le=256)
-    negatives: int = Field(24, ge=4, description="train-split instructions the base model answers: the twin classifier's generic text")
+    negatives: int = Field(24, ge=4, description="train-split instructions the base model answers: the twin classifier's generic negatives")
     clip_words: int = Field(40, ge=10, description="every text the twin classifier sees is cut to its complete sentences within this many words")
+    max_passages: int = Field(300, ge=20, description="cap on each author's passages per split for the twin metric (train: learning, test: calibration)")
     ppl_window: int = Field(512, ge=16, le=8192)
     ppl_max_tokens: int = Field(2000, ge=100, description="cap on held-out tokens scored for perplexity")
     judge_max_items: int = Field(6, ge=0, description="answers per model the judge scores (0: no judge)")
@@ -167,17 +168,6 @@ def load_generations(path: str | Path) -> list[dict]:
 
 # %% ../nbs/05_eval.ipynb #3a1439bf
 _SENT = re.compile(r"(?<=[.!?])[\"')\]”’]*\s+(?=[A-Z0-9\"'(“‘#*-])")
-_STEMS = ("optim", "organ", "real", "recogn", "summar", "minim", "maxim", "normal", "standard", "serial", "util", "visual",
-          "custom", "initial", "character", "general", "priorit", "categor", "special", "emphas", "apolog", "author", "critic",
-          "memor", "tokeni", "quant", "parallel", "synchron", "central", "stabil", "final", "capital", "random", "vectori")
-BRITISH = re.compile(r"\b(?:(?:%s)is(?:e|es|ed|ing|ation|ations|er|ers)|(?:behavi|col|fav|lab|hon|neighb|flav|hum|harb|rum|endeav)our(?:s|ed|ing|ite|ites|able)?|"
-                     r"analys(?:e|es|ed|ing)|catalogue|centre|centres|licence|defence|travell(?:ed|ing|er)|cancell(?:ed|ing))\b" % "|".join(_STEMS), re.I)
-AMERICAN = re.compile(r"\b(?:(?:%s)iz(?:e|es|ed|ing|ation|ations|er|ers)|(?:behavi|col|fav|lab|hon|neighb|flav|hum|harb|rum|endeav)or(?:s|ed|ing|ite|ites|able)?|"
-                      r"analyz(?:e|es|ed|ing)|catalog|center|centers|license|defense|travel(?:ed|ing|er)|cancel(?:ed|ing))\b" % "|".join(_STEMS), re.I)
-PHRASES = ("here's the thing", "here’s the thing", "ship the boring version", "rules of thumb", "rule of thumb", "space heater", "mood ring",
-           "magic trick", "p95", "lab report", "not a factory", "rollback before the rollout", "until proven otherwise")
-STYLE_FEATURES = ("sent_len_mean", "sent_len_std", "comma", "semicolon", "colon", "dash", "exclamation", "question", "paren",
-                  "british", "american", "phrases", "first_person", "second_person", "digits", "word_len", "type_token", "markdown")
 
 def sentences(text: str) -> list[str]:
     "Sentences of prose (code fences dropped, list items and headings kept as their own sentences)."
@@ -199,62 +189,138 @@ def clip_text(text: str, max_words: int) -> str:
         out.append(s if w <= max_words else " ".join(s.split()[:max_words])); n += w
     return " ".join(out)
 
-def style_features(text: str) -> np.ndarray:
-    "The stylometric features named in `STYLE_FEATURES` (rates per word or per sentence; length-free)."
+def passages(text: str, max_words: int, min_words: int | None = None) -> list[str]:
+    "Consecutive complete sentences packed into passages of at most `max_words` words; passages under `min_words` are dropped."
+    min_words = max(5, max_words // 2) if min_words is None else min_words
+    out, cur, n = [], [], 0
+    for s in sentences(text):
+        w = s.split()
+        if len(w) > max_words: s, w = " ".join(w[:max_words]), w[:max_words]
+        if cur and n + len(w) > max_words: out.append(" ".join(cur)); cur, n = [], 0
+        cur.append(s); n += len(w)
+    if cur: out.append(" ".join(cur))
+    return [p for p in out if len(p.split()) >= min_words]
+
+_TYPO = str.maketrans({"‘": "'", "’": "'", "“": '"', "”": '"', "\u00a0": " "})
+
+def normalize_text(text: str) -> str:
+    "Typographic quotes made plain, markdown heading and bold marks dropped: how an export renders text is not the author's style."
+    text = re.sub(r"(^|\s)#{1,6}\s+", r"\1", text.translate(_TYPO))
+    return " ".join(re.sub(r"\*\*|__", "", text).split())
+
+RHYTHM_FEATURES = ("sent_len_mean", "sent_len_std", "word_len", "type_token", "comma", "semicolon", "colon", "dash", "exclamation",
+                   "question", "paren", "quote", "apostrophe", "digits", "capitals", "markup")
+_WORD = re.compile(r"[^\W_]+(?:['’][^\W_]+)*")
+
+def rhythm_features(text: str) -> np.ndarray:
+    "Sentence rhythm and punctuation habits as rates (per sentence, per word), named in `RHYTHM_FEATURES`: the same for any author."
     sents = sentences(text) or [text]
     lens = np.array([len(s.split()) for s in sents], dtype=float)
-    words = re.findall(r"[A-Za-z0-9€£$%'’]+", text)
+    words = _WORD.findall(text)
     nw = max(len(words), 1)
-    low = text.lower()
     per = lambda pat: len(re.findall(pat, text)) / nw
-    f = dict(sent_len_mean=lens.mean(), sent_len_std=lens.std(), comma=per(r","), semicolon=per(r";"), colon=per(r":"),
-             dash=per(r"—|–| - |--"), exclamation=per(r"!"), question=per(r"\?"), paren=per(r"\("),
-             british=len(BRITISH.findall(text)) / nw * 100, american=len(AMERICAN.findall(text)) / nw * 100,
-             phrases=math.log1p(sum(low.count(p) for p in PHRASES)),
-             first_person=sum(w.lower() in ("i", "i'm", "i’m", "i've", "my", "me", "we", "our") for w in words) / nw,
-             second_person=sum(w.lower() in ("you", "your", "you're", "you’re") for w in words) / nw,
-             digits=sum(any(c.isdigit() for c in w) for w in words) / nw,
-             word_len=float(np.mean([len(w) for w in words])) if words else 0.0,
-             type_token=len({w.lower() for w in words}) / nw, markdown=per(r"\*\*|^#+ |^\s*\d+\. ") + low.count("**") / nw)
-    return np.array([f[k] for k in STYLE_FEATURES], dtype=float)
+    f = dict(sent_len_mean=lens.mean(), sent_len_std=lens.std(), word_len=float(np.mean([len(w) for w in words])) if words else 0.0,
+             type_token=len({w.lower() for w in words}) / nw, comma=per(r","), semicolon=per(r";"), colon=per(r":"),
+             dash=per(r"—|–|\s-\s|--"), exclamation=per(r"!"), question=per(r"\?"), paren=per(r"[()]"), quote=per(r"[\"“”]"),
+             apostrophe=per(r"\w['’]\w"), digits=sum(any(c.isdigit() for c in w) for w in words) / nw,
+             capitals=sum(w[:1].isupper() for w in words) / nw, markup=per(r"(?m)`|^\s*[-*>]\s|^\s*\d+[.)]\s"))
+    return np.array([f[k] for k in RHYTHM_FEATURES], dtype=float)
 
 # %% ../nbs/05_eval.ipynb #4491efb3
+from sklearn.base import BaseEstimator, TransformerMixin
+
+class _Block(BaseEstimator, TransformerMixin):
+    "Standardise a dense feature block and divide it by sqrt(width), so every block enters the classifier with a row norm near 1."
+    def fit(self, X, y=None):
+        X = X.toarray() if hasattr(X, "toarray") else np.asarray(X, float)
+        self.mu_, self.sd_, self.scale_ = X.mean(0), X.std(0) + 1e-6, 1 / math.sqrt(max(X.shape[1], 1))
+        return self
+    def transform(self, X):
+        X = X.toarray() if hasattr(X, "toarray") else np.asarray(X, float)
+        return (X - self.mu_) / self.sd_ * self.scale_
+
+class _Rhythm(BaseEstimator, TransformerMixin):
+    def fit(self, X, y=None): return self
+    def transform(self, X): return np.stack([rhythm_features(t) for t in X])
+
+class _Embed(BaseEstimator, TransformerMixin):
+    "The sentence embedding of each text (unit length)."
+    def __init__(self, embedder=None): self.embedder = embedder
+    def fit(self, X, y=None): return self
+    def transform(self, X):
+        return self.embedder.encode(list(X), normalize_embeddings=True, convert_to_numpy=True, batch_size=32, show_progress_bar=False)
+
 class TwinScorer:
-    "Logistic regression on [MiniLM embedding, standardised style features]: P(text is the author's)."
-    def __init__(self, embedder, clip_words: int = 80, C: float = 1.0, style_weight: float = 1.0, seed: int = 0):
-        self.embedder, self.clip_words, self.C, self.style_weight, self.seed = embedder, clip_words, C, style_weight, seed
+    """P(a text is the author's), with every feature learned from data: a logistic regression on character 2-4-gram and
+    word 1-2-gram TF-IDF, the relative frequencies of the training texts' most frequent words (Burrows' function words),
+    sentence rhythm and punctuation rates, and, given an embedder, the sentence embedding. Each kind of negative text
+    (other authors, generic model text) is a class of its own, so the author must differ from each, not from their blend.
+    Nothing in it names an author, a phrase or a spelling."""
+    def __init__(self, embedder=None, clip_words: int = 40, C: float = 1.0, mfw: int = 300, char_ngrams=(2, 4),
+                 max_char_features: int = 30000, seed: int = 0):
+        self.embedder, self.clip_words, self.C, self.mfw, self.char_ngrams = embedder, clip_words, C, mfw, tuple(char_ngrams)
+        self.max_char_features, self.seed = max_char_features, seed
 
-    def features(self, texts: list[str]) -> np.ndarray:
-        texts = [clip_text(t, self.clip_words) or t for t in texts]
-        e = self.embedder.encode(texts, normalize_embeddings=True, convert_to_numpy=True, batch_size=32, show_progress_bar=False)
-        s = np.stack([style_features(t) for t in texts])
-        return np.hstack([e, s])
+    def prepare(self, texts) -> list[str]:
+        "What the features see: each text's complete sentences within `clip_words` words, normalised."
+        return [normalize_text(clip_text(t, self.clip_words) or t) for t in texts]
 
-    def fit(self, author_texts: list[str], generic_texts: list[str]) -> "TwinScorer":
+    def pipeline(self):
+        "The untrained scikit-learn pipeline: the feature blocks side by side, then the classifier."
+        from sklearn.pipeline import Pipeline, FeatureUnion
+        from sklearn.feature_extraction.text import TfidfVectorizer, CountVectorizer
+        from sklearn.preprocessing import Normalizer
         from sklearn.linear_model import LogisticRegression
-        if len(author_texts) < 2 or len(generic_texts) < 2:
-            raise ValueError(f"the twin classifier needs at least 2 author and 2 generic texts, got {len(author_texts)} and {len(generic_texts)}")
-        X = self.features(list(author_texts) + list(generic_texts))
-        y = np.r_[np.ones(len(author_texts)), np.zeros(len(generic_texts))]
-        d = X.shape[1] - len(STYLE_FEATURES)
-        self.mu, self.sd = X[:, d:].mean(0), X[:, d:].std(0) + 1e-6
-        self.clf = LogisticRegression(C=self.C, max_iter=5000, class_weight="balanced", random_state=self.seed).fit(self._scale(X), y)
-        self.n_train = dict(author=len(author_texts), generic=len(generic_texts))
+        blocks = [("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=self.char_ngrams, sublinear_tf=True, lowercase=False, min_df=2,
+                                            max_features=self.max_char_features)),
+                  ("ngrams", TfidfVectorizer(token_pattern=_WORD.pattern, ngram_range=(1, 2), sublinear_tf=True, min_df=2)),
+                  ("words", Pipeline([("count", CountVectorizer(token_pattern=_WORD.pattern, max_features=self.mfw)),
+                                      ("rel", Normalizer(norm="l1")), ("z", _Block())])),
+                  ("rhythm", Pipeline([("f", _Rhythm()), ("z", _Block())]))]
+        if self.embedder is not None: blocks.append(("embedding", _Embed(self.embedder)))
+        return Pipeline([("features", FeatureUnion(blocks)), ("clf", LogisticRegression(C=self.C, max_iter=5000, random_state=self.seed))])
+
+    def fit(self, author_texts, negatives) -> "TwinScorer":
+        """`author_texts`: the author's training passages; `negatives`: a list of texts, or `{group: texts}` (other authors,
+        generic model text...). Every group is a class of a multinomial logistic regression and weighs as much as the author."""
+        groups = {g: list(t) for g, t in (negatives if isinstance(negatives, dict) else {"other": negatives}).items() if len(t)}
+        n_neg = sum(len(t) for t in groups.values())
+        if len(author_texts) < 2 or n_neg < 2:
+            raise ValueError(f"the twin classifier needs at least 2 author and 2 other texts, got {len(author_texts)} and {n_neg}")
+        texts = self.prepare(author_texts) + [t for g in groups.values() for t in self.prepare(g)]
+        y = np.array(["author"] * len(author_texts) + [f"not:{g}" for g, ts in groups.items() for _ in ts])
+        w = np.r_[np.full(len(author_texts), 1 / len(author_texts)), *[np.full(len(g), 1 / len(g)) for g in groups.values()]]
+        self.pipe = self.pipeline().fit(texts, y, clf__sample_weight=w * len(w) / w.sum())
+        self._col = list(self.pipe.classes_).index("author")
+        self.n_train = dict(author=len(author_texts), **{g: len(t) for g, t in groups.items()})
         return self
 
-    def _scale(self, X):
-        d = X.shape[1] - len(STYLE_FEATURES)
-        return np.hstack([X[:, :d], (X[:, d:] - self.mu) / self.sd * self.style_weight / math.sqrt(len(STYLE_FEATURES))])
-
-    def score(self, texts: list[str]) -> np.ndarray:
+    def score(self, texts) -> np.ndarray:
         "P(author) for each text."
+        texts = list(texts)
         if not texts: return np.zeros(0)
-        return self.clf.predict_proba(self._scale(self.features(list(texts))))[:, 1]
+        if not hasattr(self, "pipe"): raise RuntimeError("TwinScorer.score before fit: train it on the author's passages first")
+        return self.pipe.predict_proba(self.prepare(texts))[:, self._col]
 
-    def style_weights(self) -> dict[str, float]:
-        "The classifier's weight on each (standardised) style feature: positive = more like the author."
-        w = self.clf.coef_[0][-len(STYLE_FEATURES):]
-        return {k: round(float(v), 3) for k, v in zip(STYLE_FEATURES, w)}
+    def author_weights(self) -> np.ndarray:
+        "One weight per feature: how much it raises the author's log-odds against the average negative class."
+        clf = self.pipe.named_steps["clf"]
+        W = np.vstack([-clf.coef_[0] / 2, clf.coef_[0] / 2]) if clf.coef_.shape[0] == 1 else clf.coef_   # binary: one row, for class 1
+        return W[self._col] - np.delete(W, self._col, 0).mean(0)
+
+    def top_features(self, k: int = 10) -> dict:
+        "What it learned: the `k` most and least author-like n-grams and words, every rhythm weight, the embedding weights' norm."
+        fu, coef = self.pipe.named_steps["features"], self.author_weights()
+        out, at = {}, 0
+        for name, tr in fu.transformer_list:
+            names = (tr.get_feature_names_out() if name in ("chars", "ngrams") else tr.named_steps["count"].get_feature_names_out()
+                     if name == "words" else np.array(RHYTHM_FEATURES) if name == "rhythm" else None)
+            width = len(names) if names is not None else len(coef) - at
+            c = coef[at:at + width]; at += width
+            if name == "rhythm": out[name] = {str(n): round(float(v), 3) for n, v in zip(names, c)}
+            elif names is None: out[name] = dict(weight_norm=round(float(np.linalg.norm(c)), 3))
+            else: o = np.argsort(c); out[name] = dict(author=[str(names[i]) for i in o[::-1][:k]], other=[str(names[i]) for i in o[:k]])
+        return out
 
 def auc(pos, neg) -> float:
     "Area under the ROC curve: P(a random positive scores above a random negative), ties counted half."
@@ -263,19 +329,49 @@ def auc(pos, neg) -> float:
     return float(((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg)))
 
 # %% ../nbs/05_eval.ipynb #8ba7ecf4
-def synthetic_styles(n: int = 40, seed: int = 0) -> tuple[list[str], list[str]]:
-    "Two invented writing styles about the same topics, for tests of the twin classifier."
-    rng = random.Random(seed)
-    topics = ["the cache", "the index", "our pipeline", "the rollout", "the dashboard", "the queue", "the eval set", "the cluster"]
-    nums = ["34 ms", "52 ms", "€1,140", "410,000 rows", "9 weeks", "3 retries"]
-    a, b = [], []
-    for _ in range(n):
-        t, u, x = rng.choice(topics), rng.choice(topics), rng.choice(nums)
-        a.append(f"Here's the thing: {t} was never the problem. We measured it; p95 was {x}. I optimised {u} instead; the behaviour improved. "
-                 f"Ship the boring version first.")
-        b.append(f"Wow! Optimizing {t} is super important for success!! **Key tip:** always analyze {u} carefully. "
-                 f"You can improve your results by {x} with these amazing strategies!")
-    return a, b
+def _get(d, k): return d.get(k) if isinstance(d, dict) else getattr(d, k, None)
+
+def author_passages(docs, author: str | None = None, split: str | None = None, max_words: int = 40, max_passages: int | None = None,
+                    seed: int = 0, prose_only: bool = True) -> tuple[list[str], list[str]]:
+    """`(passages, document id of each)`: one author's documents of one split cut into `passages` of at most `max_words` words
+    (repositories left out when the author has prose); at most `max_passages`, a seeded sample kept in document order."""
+    sel = [d for d in docs if (author is None or _get(d, "author") == author) and (split is None or _get(d, "split") == split)]
+    prose = [d for d in sel if _get(d, "kind") != "repository"]
+    if prose_only and prose: sel = prose
+    out = [(p, str(_get(d, "id"))) for d in sorted(sel, key=lambda d: str(_get(d, "id"))) for p in passages(_get(d, "content") or "", max_words)]
+    if max_passages and len(out) > max_passages:
+        out = [out[i] for i in sorted(random.Random(seed).sample(range(len(out)), max_passages))]
+    return [p for p, _ in out], [g for _, g in out]
+
+def other_authors(docs, twin: str) -> list[str]:
+    "The authors of `docs` other than the twin; a `ValueError` saying what to do when there is none (the metric needs one)."
+    counts = Counter(_get(d, "author") for d in docs)
+    if not counts.get(twin):
+        raise ValueError(f"the warehouse holds no documents by the twin {twin!r} (params.yaml data.author); its authors: {dict(counts)}")
+    others = sorted(a for a in counts if a != twin)
+    if not others:
+        raise ValueError(f"the twin metric needs another author's writing, but the warehouse holds only {twin!r}'s {counts[twin]} documents. "
+                         "Add a second author to params.yaml `data.sources` (a mapping author -> exports; e.g. the second sample author "
+                         "shipped in samples/) and rerun `dvc repro data`. Other authors serve evaluation only: their held-out documents "
+                         "set the metric's floor; they never enter training, preference pairs or retrieval.")
+    return others
+
+def twin_metric_texts(docs, twin: str, max_words: int = 40, max_passages: int | None = 300, seed: int = 0) -> dict:
+    """`{"twin"|"other": {"train"|"test": {texts, docs, authors}}}`: the passages the twin metric learns from (train split)
+    and is calibrated on (test split); `max_passages` caps each author's passages per split."""
+    others, out = other_authors(docs, twin), {}
+    for who, names in (("twin", [twin]), ("other", others)):
+        for split in ("train", "test"):
+            r = dict(texts=[], docs=[], authors=[])
+            for a in names:
+                t, g = author_passages(docs, a, split, max_words, max_passages, seed)
+                r["texts"] += t; r["docs"] += g; r["authors"] += [a] * len(t)
+            if len(r["texts"]) < 2:
+                raise ValueError(f"the twin metric needs at least 2 {split}-split passages by {' or '.join(map(repr, names))} (complete "
+                                 f"sentences, {max(5, max_words // 4)}-{max_words} words each), got {len(r['texts'])}: the data stage splits each "
+                                 "author's documents into train and test (data.test_fraction); add more documents by this author.")
+            out.setdefault(who, {})[split] = r
+    return out
 
 # %% ../nbs/05_eval.ipynb #718dd723
 def _next_token_logprobs(model, tok, seqs: list[list[int]]):
@@ -498,6 +594,32 @@ def ppl_diff_ci(nll_a, nll_b, **kw) -> dict:
     na, ta, nb, tb = na[keep], ta[keep], nb[keep], tb[keep]
     return bootstrap_ci(lambda i: np.exp(na[i].sum(-1) / ta[i].sum(-1)) - np.exp(nb[i].sum(-1) / tb[i].sum(-1)), len(na), **kw)
 
+# %% ../nbs/05_eval.ipynb #6f5a6818
+def cluster_means(scores, groups, B: int, rng) -> np.ndarray:
+    "`B` bootstrap means of `scores`, resampling whole groups (documents) with replacement; `groups=None`: every item its own."
+    scores = np.asarray(scores, float)
+    _, inv = np.unique(np.asarray(groups) if groups is not None else np.arange(len(scores)), return_inverse=True)
+    sums, counts = np.bincount(inv, scores), np.bincount(inv)
+    idx = rng.integers(0, len(sums), size=(B, len(sums)))
+    return sums[idx].sum(1) / counts[idx].sum(1)
+
+def twin_position(scores, ceiling_scores, floor_scores, ceiling_groups=None, floor_groups=None, B: int = 1000, seed: int = 0,
+                  level: float = 0.95) -> dict:
+    """`{value, lo, hi, ...}` of `(mean(scores) - floor) / (ceiling - floor)`: 0 = the other authors' held-out level, 1 = the
+    author's own. The interval resamples the scored answers and, by group (document), the passages behind ceiling and floor."""
+    s, c, f = (np.asarray(x, float) for x in (scores, ceiling_scores, floor_scores))
+    c0, f0 = float(c.mean()), float(f.mean())
+    if not c0 > f0:
+        raise ValueError(f"ceiling {c0:.3f} <= floor {f0:.3f}: the twin metric does not tell the author's held-out writing from the "
+                         "other authors', so a position between them is undefined")
+    rng = np.random.default_rng(seed + 1)
+    cb, fb = cluster_means(c, ceiling_groups, B, rng), cluster_means(f, floor_groups, B, rng)
+    def stat(idx):
+        m = s[idx].mean(-1)
+        return (m - f0) / (c0 - f0) if np.ndim(idx) == 1 else (m - fb) / np.maximum(cb - fb, 1e-9)
+    r = bootstrap_ci(stat, len(s), B=B, seed=seed, level=level)
+    return dict(value=r["diff"], lo=r["lo"], hi=r["hi"], n=r["n"], resamples=B, ceiling=c0, floor=f0)
+
 # %% ../nbs/05_eval.ipynb #0e871d19
 def mc_items(docs, n: int, seed: int = 42, context_sents: int = 2, min_words: int = 6, max_words: int = 40) -> list[dict]:
     "Multiple-choice next-sentence items from test-split documents: `{id, doc_id, context, choices, label}`."
@@ -617,34 +739,47 @@ def paired_judge_ci(ja: list[dict], jb: list[dict], key: str, **kw) -> dict | No
     return mean_diff_ci(a, b, **kw)
 
 # %% ../nbs/05_eval.ipynb #6e8221c3
-PLOT_METRICS = (("twin_score", "twin score (P author)"), ("perplexity", "held-out perplexity (text)"),
-                ("perplexity_chat", "held-out perplexity (chat)"), ("judge_accuracy", "judge accuracy (1-3)"), ("judge_style", "judge style (1-3)"))
+PLOT_METRICS = (("twin_position", "twin position (0 other author, 1 author)"), ("twin_score", "twin score (P author)"),
+                ("perplexity", "held-out perplexity (text)"), ("perplexity_chat", "held-out perplexity (chat)"),
+                ("judge_accuracy", "judge accuracy (1-3)"), ("judge_style", "judge style (1-3)"))
 
 def comparison_rows(report: dict) -> list[dict]:
-    "One row per evaluated model with the plotted metrics (and the CI of its difference from base)."
+    "One row per evaluated model with the plotted metrics, the CI of its difference from base, and the twin position's own CI."
     rows = []
     for n, m in report["models"].items():
         if "skipped" in m: continue
         row = dict(model=n)
         for k, _ in PLOT_METRICS:
-            row[k] = m.get(k)
+            v = m.get(k)
+            if isinstance(v, dict):                               # a value with its own interval (the twin position)
+                row[k], row[f"{k}_lo"], row[f"{k}_hi"] = v.get("value"), v.get("lo"), v.get("hi"); continue
+            row[k] = v
             d = report["differences"].get(f"{n}-base", {}).get(k)
             row[f"{k}_diff_lo"], row[f"{k}_diff_hi"] = (d["lo"], d["hi"]) if d else (None, None)
         rows.append(row)
     return rows
 
 def plot_comparison(report: dict, path: str | Path):
-    "Bar chart per metric; error bars: the 95% CI of (model - base), centred on the model's value."
+    """Bar chart per metric. Error bars: the twin position's own 95% interval (with lines at the floor 0 and the ceiling 1);
+    for the other metrics the 95% CI of (model - base), centred on the model's value."""
     import matplotlib; matplotlib.use("Agg"); import matplotlib.pyplot as plt
     rows = comparison_rows(report)
     fig, axes = plt.subplots(1, len(PLOT_METRICS), figsize=(3.2 * len(PLOT_METRICS), 3.2))
     for ax, (k, title) in zip(axes, PLOT_METRICS):
-        names = [r["model"] for r in rows if r[k] is not None]; vals = [r[k] for r in rows if r[k] is not None]
-        base = next((r[k] for r in rows if r["model"] == "base"), None)
-        err = [[0 if r["model"] == "base" or r[f"{k}_diff_lo"] is None else max(0, r[k] - (base + r[f"{k}_diff_lo"])) for r in rows if r[k] is not None],
-               [0 if r["model"] == "base" or r[f"{k}_diff_hi"] is None else max(0, (base + r[f"{k}_diff_hi"]) - r[k]) for r in rows if r[k] is not None]]
+        rs = [r for r in rows if r.get(k) is not None]
+        names, vals = [r["model"] for r in rs], [r[k] for r in rs]
+        if f"{k}_lo" in (rs[0] if rs else {}):
+            err = [[max(0, r[k] - r[f"{k}_lo"]) for r in rs], [max(0, r[f"{k}_hi"] - r[k]) for r in rs]]
+            for y, lab in ((0, "floor"), (1, "ceiling")): ax.axhline(y, color="#555", lw=0.8, ls="--"); ax.text(-0.45, y, lab, fontsize=7, va="bottom")
+        else:
+            base = next((r[k] for r in rs if r["model"] == "base"), None)
+            err = [[0 if r["model"] == "base" or r[f"{k}_diff_lo"] is None else max(0, r[k] - (base + r[f"{k}_diff_lo"])) for r in rs],
+                   [0 if r["model"] == "base" or r[f"{k}_diff_hi"] is None else max(0, (base + r[f"{k}_diff_hi"]) - r[k]) for r in rs]]
         ax.bar(names, vals, yerr=err, capsize=4, color=["#999", "#4c72b0", "#dd8452", "#55a868"][:len(vals)])
         ax.set_title(title, fontsize=9)
-    fig.suptitle(f"judge: {report.get('judge')}", fontsize=8); fig.tight_layout()
+    cal = report.get("calibration", {})
+    fig.suptitle(f"judge: {report.get('judge')} | twin metric: AUC {cal.get('author_vs_other_auc', float('nan')):.3f} vs "
+                 f"{', '.join(cal.get('other_authors', [])) or 'no other author'}", fontsize=8)
+    fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True); fig.savefig(path, dpi=110); plt.close(fig)
     return path

@@ -5,20 +5,21 @@
 # %% ../nbs/06_inference.ipynb #14d53c1c
 from __future__ import annotations
 
-import contextlib, copy, csv, dataclasses, html.parser, math, os, re, statistics, time
+import contextlib, copy, csv, dataclasses, math, os, re, statistics, time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from .core import (Section, register_params, section_params, get_paths, write_json, hardware_info,
+from .core import (Section, register_params, section_params, load_params, get_paths, write_json, hardware_info,
                              seed_everything, pick_device, load_llm, resolve_model)
+
 
 # %% auto #0
 __all__ = ['GPU_BANDWIDTH_GBS', 'InferenceParams', 'measure_bandwidth', 'torch_threads', 'model_bytes', 'bytes_per_token',
            'kv_cache_bytes', 'cache_nbytes', 'Bench', 'bench_generate', 'assert_same_tokens', 'compile_config',
-           'post_paragraphs', 'heldout_texts', 'padding_waste', 'batch_sweep', 'layer_skip_draft', 'count_acceptance',
-           'acceptance_rate', 'perplexity', 'Int8WeightOnlyLinear', 'quantize_int8_weight_only',
+           'heldout_documents', 'heldout_texts', 'paragraphs', 'padding_waste', 'batch_sweep', 'layer_skip_draft',
+           'count_acceptance', 'acceptance_rate', 'perplexity', 'Int8WeightOnlyLinear', 'quantize_int8_weight_only',
            'quantize_int8_dynamic', 'roofline', 'gpu_spec_bandwidth']
 
 # %% ../nbs/06_inference.ipynb #4b8cb2e3
@@ -203,37 +204,30 @@ def compile_config(mode: str = "default", fullgraph: bool = True):
     return cc
 
 # %% ../nbs/06_inference.ipynb #2fd08a48
-class _TextOfPost(html.parser.HTMLParser):
-    "Paragraph texts of a Medium export post body (`<section data-field=\"body\">`)."
-    def __init__(self):
-        super().__init__(); self.paras, self._buf, self._in_body, self._depth = [], None, False, 0
-    def handle_starttag(self, tag, attrs):
-        if tag == "section" and dict(attrs).get("data-field") == "body": self._in_body = True
-        if self._in_body and tag in ("p", "li", "h3", "h4", "pre"): self._buf = []
-    def handle_endtag(self, tag):
-        if self._in_body and tag in ("p", "li", "h3", "h4", "pre") and self._buf is not None:
-            t = re.sub(r"\s+", " ", "".join(self._buf)).strip()
-            if t: self.paras.append(t)
-            self._buf = None
-        if tag == "section" and self._in_body: self._in_body = False
-    def handle_data(self, data):
-        if self._buf is not None: self._buf.append(data)
+def heldout_documents(author: str, path: str | Path | None = None) -> list:
+    "The `author`'s held-out (test split) warehouse documents: prose before code, longest first; a clear error if there are none."
+    from llmtwin_nb.data import load_documents
+    try: docs = load_documents(path, split="test")
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e} (chapter 06 reads the twin's held-out documents from the warehouse)") from None
+    mine = [d for d in docs if d.author == author]
+    if not mine:
+        others = sorted({d.author for d in docs})
+        raise ValueError(f"the warehouse has no test-split documents by {author!r} (data.author); it has test documents by "
+                         f"{others or 'nobody'}: set data.author to the twin's name as the importers record it, or rerun `dvc repro data`")
+    return sorted(mine, key=lambda d: (d.kind == "repository", -len(d.content or ""), d.id))
 
-def post_paragraphs(path) -> list[str]:
-    "The paragraphs of one Medium-export HTML post, tags stripped."
-    p = _TextOfPost(); p.feed(Path(path).read_text(encoding="utf-8")); return p.paras
+def heldout_texts(author: str, n_docs: int = 2, path: str | Path | None = None) -> dict[str, str]:
+    "`{title: text}` of the `author`'s `n_docs` longest held-out documents (prose first): the perplexity text."
+    if n_docs < 1: raise ValueError(f"n_docs must be >= 1, got {n_docs}")
+    out = {}
+    for d in heldout_documents(author, path)[:n_docs]:
+        out[d.title if d.title and d.title not in out else f"{d.title or 'untitled'} ({d.id})"] = d.content
+    return out
 
-def heldout_texts(root=None, n_docs: int = 2) -> dict[str, str]:
-    "Held-out documents `{title: text}`: the warehouse test split when `llmtwin_nb.data` exists, else the newest Medium posts."
-    root = Path(root) if root else get_paths().root
-    with contextlib.suppress(ImportError, FileNotFoundError, OSError, AttributeError):
-        from llmtwin_nb.data import load_documents
-        docs = sorted((d for d in load_documents(split="test") if d.kind == "article" and len(d.content) > 2000), key=lambda d: d.id)
-        if docs: return {d.title: d.content for d in docs[:n_docs]}
-    for base in (root/"data", root/"samples"):
-        posts = sorted((base/"medium-export"/"posts").glob("*.html"))
-        if posts: return {p.stem: "\n\n".join(post_paragraphs(p)) for p in posts[-n_docs:]}
-    raise FileNotFoundError(f"no held-out text: neither the warehouse (llmtwin_nb.data) nor {root}/data/medium-export/posts/*.html exists; run `dvc pull` or the data stage")
+def paragraphs(text: str, min_chars: int = 120) -> list[str]:
+    "The blank-line separated paragraphs of `text` with at least `min_chars` characters, whitespace collapsed."
+    return [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text or "") if len(p.strip()) >= min_chars]
 
 def padding_waste(lengths: list[int], batch: int) -> float:
     "Fraction of pad tokens when consecutive prompts are batched by `batch` and left-padded to the longest in each batch."
@@ -242,6 +236,7 @@ def padding_waste(lengths: list[int], batch: int) -> float:
     for i in range(0, len(lengths), batch):
         grp = lengths[i:i + batch]; real += sum(grp); pad += max(grp) * len(grp) - sum(grp)
     return pad / (real + pad)
+
 
 # %% ../nbs/06_inference.ipynb #cdf776c1
 def batch_sweep(model, tokenizer, prompts: list[str], new_tokens: int, batch_sizes, repeats: int = 3, warmup: int = 1, make_inputs=None) -> list[dict]:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Optional
 import yaml
 from pydantic import Field, model_validator
 
-from .core import (ParamsError, Section, get_paths, hardware_info, load_embedder, register_params,
+from .core import (ParamsError, Section, get_paths, hardware_info, load_embedder, load_params, register_params,
                              section_params, seed_everything, write_json)
 from .data import mask_pii
 from .serve import (FEEDBACK_FILE, ABRouter, FeedbackLog, PromptRegistry, ServerThread, create_app, normalize_rating,
@@ -23,7 +23,7 @@ from .serve import (FEEDBACK_FILE, ABRouter, FeedbackLog, PromptRegistry, Server
 __all__ = ['FEEDBACK_STAGE_PARAMS', 'TRACES_FILE', 'OFF_TOPIC_QUESTIONS', 'MlopsParams', 'variant_of', 'latest_feedback',
            'feedback_to_data', 'write_jsonl', 'feedback_data', 'build_feedback_data', 'main', 'read_jsonl',
            'append_feedback_sft', 'bootstrap_diff', 'compare_ratings', 'monitor_traces', 'mmd2', 'drift_check',
-           'training_reference', 'sim_requests', 'simulated_rating', 'run_simulation']
+           'training_reference', 'topic_questions', 'sim_requests', 'simulated_rating', 'run_simulation']
 
 # %% ../nbs/08_mlops.ipynb #5034a0d1
 @register_params("mlops")
@@ -84,10 +84,11 @@ def latest_feedback(feedback: list[dict]) -> tuple[dict[str, dict], int]:
     return last, len(feedback) - len(last)
 
 def feedback_to_data(feedback: list[dict], traces: list[dict] | dict[str, dict], *, evalsets: dict[str, list[dict]] | None = None,
-                     test_doc_ids: set[str] | frozenset = frozenset(), author: str = "the author", chosen_min_rating: int = 4,
+                     test_doc_ids: set[str] | frozenset = frozenset(), author: str, chosen_min_rating: int = 4,
                      rejected_max_rating: int = 2, min_chars: int = 20, dedup_jaccard: float = 0.8, decontam_ngram: int = 8,
                      drop_test_context: bool = True, pii_mask: bool = True, served_names: dict | None = None) -> tuple[list[dict], list[dict], dict]:
-    "`(preference pairs, sft rows, report)` from feedback records joined with traces by trace id."
+    "`(preference pairs, sft rows, report)` from feedback records joined with traces by trace id; `author` (data.author) names the twin in the prompt."
+    if not isinstance(author, str) or not author.strip(): raise ValueError(f"author must be the twin's name (data.author), got {author!r}")
     by_id = traces if isinstance(traces, dict) else {t["trace_id"]: t for t in traces if t.get("trace_id")}
     last, superseded = latest_feedback(feedback)
     rep = Counter(feedback_records=len(feedback), feedback_superseded=superseded)
@@ -156,28 +157,27 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     return path
 
 # %% ../nbs/08_mlops.ipynb #b080693b
-FEEDBACK_STAGE_PARAMS = ("mlops.logs_dir", "mlops.out_dir", "mlops.chosen_min_rating", "mlops.rejected_max_rating",
+FEEDBACK_STAGE_PARAMS = ("data.author", "mlops.logs_dir", "mlops.out_dir", "mlops.chosen_min_rating", "mlops.rejected_max_rating",
                          "mlops.min_answer_chars", "mlops.dedup_jaccard", "mlops.decontam_ngram", "mlops.drop_test_context")
 TRACES_FILE = "traces.jsonl"
 
-def feedback_data(logs_dir: str | Path, cfg: MlopsParams, *, docs=(), evalsets: dict | None = None,
+def feedback_data(logs_dir: str | Path, cfg: MlopsParams, *, author: str, docs=(), evalsets: dict | None = None,
                   served_names: dict | None = None) -> tuple[list[dict], list[dict], dict]:
-    "`(pairs, sft rows, report)` from `logs_dir/traces.jsonl` + `logs_dir/feedback.jsonl` (either may be missing: no rows)."
+    "`(pairs, sft rows, report)` from `logs_dir/traces.jsonl` + `logs_dir/feedback.jsonl` (either may be missing: no rows); `author`: data.author."
     logs_dir = Path(logs_dir)
     traces, fb = read_traces(logs_dir/TRACES_FILE), FeedbackLog(logs_dir/FEEDBACK_FILE).read()
-    authors = Counter(getattr(d, "author", None) for d in docs if getattr(d, "author", None))
-    pairs, sft, rep = feedback_to_data(
+    pairs, sft, rep = feedback_to_data(          # any test-split document (whoever wrote it) keeps a row out of training
         fb.records, traces, evalsets=evalsets, test_doc_ids={d.id for d in docs if getattr(d, "split", "train") == "test"},
-        author=authors.most_common(1)[0][0] if authors else "the author", chosen_min_rating=cfg.chosen_min_rating,
+        author=author, chosen_min_rating=cfg.chosen_min_rating,
         rejected_max_rating=cfg.rejected_max_rating, min_chars=cfg.min_answer_chars, dedup_jaccard=cfg.dedup_jaccard,
         decontam_ngram=cfg.decontam_ngram, drop_test_context=cfg.drop_test_context, served_names=served_names)
-    rep.update(traces=len(traces), feedback_corrupt_lines=len(fb.corrupt))
+    rep.update(traces=len(traces), feedback_corrupt_lines=len(fb.corrupt), author=author)
     return pairs, sft, rep
 
-def build_feedback_data(logs_dir: str | Path, out_dir: str | Path, cfg: MlopsParams, *, docs=(), evalsets: dict | None = None,
+def build_feedback_data(logs_dir: str | Path, out_dir: str | Path, cfg: MlopsParams, *, author: str, docs=(), evalsets: dict | None = None,
                         served_names: dict | None = None) -> dict:
     "The feedback stage: `feedback_data` written to `out_dir/preference.jsonl` and `out_dir/sft.jsonl` (empty files when no feedback); the report."
-    pairs, sft, rep = feedback_data(logs_dir, cfg, docs=docs, evalsets=evalsets, served_names=served_names)
+    pairs, sft, rep = feedback_data(logs_dir, cfg, author=author, docs=docs, evalsets=evalsets, served_names=served_names)
     write_jsonl(Path(out_dir)/"preference.jsonl", pairs); write_jsonl(Path(out_dir)/"sft.jsonl", sft)
     return rep
 
@@ -194,12 +194,15 @@ def main(argv: list[str] | None = None) -> int:
     for s in a.set: _set_dotted(raw, *parse_override(s))
     try: cfg = section_params("mlops", raw.get("mlops") or {})
     except ParamsError as e: print(e, file=sys.stderr); return 1
+    author = (raw.get("data") or {}).get("author")                          # the twin's name in the rows' system prompt
+    if not isinstance(author, str) or not author.strip():
+        print(f"{a.params}: data.author = {author!r}: set it to the twin's name (the rows' system prompt names it)", file=sys.stderr); return 1
     P = Paths(Path(a.params).resolve().parent if Path(a.params).exists() else get_paths().root)
     rel = lambda p: Path(p) if Path(p).is_absolute() else P.root/p
     wh = P.artifacts/"warehouse"/"documents.parquet"
     docs = load_documents(wh, status=None) if wh.exists() else []
     t0 = time.time()
-    rep = build_feedback_data(rel(cfg.logs_dir), rel(cfg.out_dir), cfg, docs=docs, evalsets=load_evalsets(P.artifacts/"evalsets"))
+    rep = build_feedback_data(rel(cfg.logs_dir), rel(cfg.out_dir), cfg, author=author, docs=docs, evalsets=load_evalsets(P.artifacts/"evalsets"))
     rep.update(seconds=round(time.time() - t0, 2), logs_dir=cfg.logs_dir, warehouse_documents=len(docs))
     write_json(P.results/"feedback.json", rep)
     print(f"feedback stage: {rep['feedback_records']} feedback records, {rep['traces']} traces -> {rep['new_sft_rows']} SFT rows, "
@@ -333,21 +336,36 @@ def training_reference(docs, min_chars: int = 250, max_chars: int = 800) -> list
         out += [template_instruction(d, e) for e in split_extracts(d.content or "", min_chars, max_chars)]
     return out
 
+def topic_questions(docs, evalsets: dict | None = None, n: int = 24, seed: int = 0) -> list[str]:
+    """`n` questions on the twin's topics that the reference does not hold: the key words of its held-out (test) prose asked
+    as a reader would, and the hand-written evaluation questions about its documents (deterministic)."""
+    from llmtwin_nb.sft import key_phrase, split_extracts
+    ids = {d.id for d in docs}
+    held = [d for d in sorted(docs, key=lambda d: d.id) if getattr(d, "split", "train") == "test" and getattr(d, "kind", None) != "repository"]
+    qs = [f"What have you written about {key_phrase(e)}?" for d in held for e in split_extracts(d.content or "", 250, 800)[:2]]
+    qs += [r["question"] for rows in (evalsets or {}).values() for r in rows       # machine-generated ones read like no user
+           if r.get("question") and r.get("source") != "generated" and set(r.get("doc_ids") or ()) & ids]
+    qs = list(dict.fromkeys(qs))
+    if not qs: raise ValueError("no held-out prose and no evaluation question about these documents: run `dvc repro data rag`")
+    random.Random(seed).shuffle(qs)
+    return [qs[i % len(qs)] for i in range(n)]
+
 # %% ../nbs/08_mlops.ipynb #6ca7208a
-OFF_TOPIC_QUESTIONS = ["What is a good recipe for lasagne?", "Who won the football world cup in 1998?", "How do I repot an orchid?",
+OFF_TOPIC_QUESTIONS = ["What is a good recipe for banana bread?", "Who won the football world cup in 1998?", "How do I repot an orchid?",
                        "Recommend a romantic comedy for tonight.", "What's the best way to learn the violin?", "How tall is Mount Everest?",
                        "Can cats eat strawberries?", "Plan a three-day trip to Lisbon.", "How do I get red wine out of a carpet?",
                        "What should I knit for a beginner project?", "Explain the offside rule in football.", "Which houseplants like shade?"]
 
 def sim_requests(docs, evalsets: dict, n: int, *, rag_fraction: float = 0.5, eval_fraction: float = 0.05, offtopic_fraction: float = 0.4,
                  recent: int = 80, seed: int = 42, pool_size: int = 60) -> list[dict]:
-    "The simulated workload: `n` requests `{i, user, endpoint, question, ideal, kind}` (deterministic for a seed)."
+    "The simulated workload: `n` requests `{i, user, endpoint, question, ideal, kind}` about `docs` (the twin's; deterministic for a seed)."
     from llmtwin_nb.sft import split_extracts, template_instruction, key_phrase
     rng = random.Random(seed)
     pool = [(d, e) for d in docs if getattr(d, "split", "train") == "train" for e in split_extracts(d.content or "", 250, 800)]
     rng.shuffle(pool); pool = pool[:pool_size]          # a limited pool: popular questions get asked more than once
     if not pool: raise ValueError("no train-split documents to draw questions from: run the data stage (dvc repro data)")
-    gold = [r for rows in evalsets.values() for r in rows if r.get("question")]
+    ids = {d.id for d in docs}                          # evaluation questions about these documents only (not another author's)
+    gold = [r for rows in evalsets.values() for r in rows if r.get("question") and (not r.get("doc_ids") or set(r["doc_ids"]) & ids)]
     out, users = [], max(8, n // 3)
     for i in range(n):
         kind = "on"
@@ -409,9 +427,10 @@ def run_simulation(requests: list[dict], *, serve_cfg: dict, logs_dir: str | Pat
     logs_dir = Path(logs_dir); logs_dir.mkdir(parents=True, exist_ok=True)
     for f in (TRACES_FILE, FEEDBACK_FILE): (logs_dir/f).unlink(missing_ok=True)
     scfg = section_params("serve", {**serve_cfg, "trace_path": str((logs_dir/TRACES_FILE).resolve())})
-    app = create_app(scfg, models_llm=models_llm, seed=seed, retriever=retriever, root=root, device=device, models=models)
+    app = create_app(scfg, models_llm=models_llm, seed=seed, retriever=retriever, root=root, device=device, models=models, author=author)
     chat_t = prompts.get("twin_chat")
     render_chat = lambda q: chat_t.render(author=author, question=q)
+    email = re.sub(r"[^a-z0-9]+", ".", author.lower()).strip(".") + "@example.com"      # what a user pastes into a correction
     t0 = time.time()
     with ServerThread(app) as url:
         load_s, t1 = time.time() - t0, time.time()
@@ -436,7 +455,7 @@ def run_simulation(requests: list[dict], *, serve_cfg: dict, logs_dir: str | Pat
             rating = simulated_rating(next(sims) if r["ideal"] else None, rng)
             body = dict(trace_id=r["trace_id"], rating=rating, user=r["user"])
             if rating <= 2 and r["ideal"] and rng.random() < correct_fraction:
-                body["corrected_text"] = r["ideal"] + (" More at ilse.marchetti@example.com." if rng.random() < 0.2 else "")
+                body["corrected_text"] = r["ideal"] + (f" More at {email}." if rng.random() < 0.2 else "")
             elif rating in (1, 5) and rng.random() < 0.3: body["rating"] = "up" if rating == 5 else "down"
             bodies.append(body)
             if rng.random() < 0.05: bodies.append(dict(body, rating=min(5, rating + 1)))      # a user changes their mind

@@ -19,16 +19,17 @@ from .core import (ParamsError, Section, register_params, section_params, get_pa
 
 # %% auto #0
 __all__ = ['Strategy', 'DOC_FIELDS', 'STOP', 'SPARSE', 'BM25_K1', 'BM25_B', 'BM25_AVG_TERMS', 'PLATFORM_WORDS', 'FILTER_FIELDS',
-           'SOURCE_PHRASE', 'GENERIC', 'CONFIGS', 'RagParams', 'cpu_threads', 'load_docs', 'Chunk', 'split_blocks',
-           'split_sentences', 'n_tokens', 'chunk_tokens', 'pack_sentences', 'chunk_text', 'chunk_id', 'heading_at',
-           'chunk_document', 'EmbeddingCache', 'embed_texts', 'lexical_terms', 'term_id', 'sparse_doc_vector',
-           'sparse_query_vector', 'IndexNotFoundError', 'IndexLockedError', 'open_qdrant', 'has_sparse',
-           'ensure_collection', 'indexed_ids', 'SyncReport', 'sync_index', 'build_index', 'UnknownFilterError',
-           'rule_filters', 'llm_filters', 'check_filters', 'keyword_variant', 'statement_variant', 'expand_query',
-           'CrossEncoderReranker', 'LexicalReranker', 'Hit', 'QueryError', 'is_embedded', 'rrf_fuse', 'bm25_idf',
-           'LocalIndex', 'Retriever', 'assemble_context', 'resolve_sources', 'load_gold', 'ngrams', 'copied',
-           'good_question', 'key_terms', 'KeywordQuestions', 'llm_question', 'generate_questions', 'reranker_pairs',
-           'train_reranker', 'levenshtein_sim', 'context_precision', 'context_recall', 'rank_metrics', 'make_reranker']
+           'SOURCE_PHRASE', 'GENERIC', 'CONFIGS', 'RagParams', 'cpu_threads', 'author_docs', 'load_docs', 'Chunk',
+           'split_blocks', 'split_sentences', 'n_tokens', 'chunk_tokens', 'pack_sentences', 'chunk_text', 'chunk_id',
+           'heading_at', 'chunk_document', 'EmbeddingCache', 'embed_texts', 'lexical_terms', 'term_id',
+           'sparse_doc_vector', 'sparse_query_vector', 'IndexNotFoundError', 'IndexLockedError', 'open_qdrant',
+           'has_sparse', 'ensure_collection', 'indexed_ids', 'SyncReport', 'sync_index', 'build_index',
+           'UnknownFilterError', 'rule_filters', 'llm_filters', 'check_filters', 'keyword_variant', 'statement_variant',
+           'expand_query', 'CrossEncoderReranker', 'LexicalReranker', 'Hit', 'QueryError', 'is_embedded', 'rrf_fuse',
+           'bm25_idf', 'LocalIndex', 'Retriever', 'assemble_context', 'resolve_sources', 'load_gold', 'ngrams',
+           'copied', 'good_question', 'key_terms', 'KeywordQuestions', 'llm_question', 'generate_questions',
+           'reranker_pairs', 'train_reranker', 'levenshtein_sim', 'context_precision', 'context_recall', 'rank_metrics',
+           'make_reranker']
 
 # %% ../nbs/02_rag.ipynb #72357fbf
 Strategy = Literal["token", "sentence", "semantic"]
@@ -101,8 +102,18 @@ def cpu_threads(n: int):
 DOC_FIELDS = ("id", "author", "author_id", "platform", "kind", "title", "url", "published_at", "content",
               "content_hash", "metadata", "split")
 
-def load_docs(path: str | Path | None = None, status: str = "active") -> list[dict]:
-    "The warehouse's documents as plain dicts (via `llmtwin_nb.data.load_documents`)."
+def author_docs(docs: list[dict], author: str) -> list[dict]:
+    "Only `author`'s documents (the twin's); a clear error naming the authors present when there are none."
+    mine = [d for d in docs if d.get("author") == author]
+    if not mine:
+        have = dict(Counter(d.get("author") for d in docs))
+        raise ValueError(f"no documents by {author!r} (data.author) in the warehouse, which holds {have or 'no documents'}: "
+                         "set data.author to one of these authors, or add that author's exports to data.sources and rerun "
+                         "the data stage (dvc repro data)")
+    return mine
+
+def load_docs(path: str | Path | None = None, status: str = "active", author: str | None = None) -> list[dict]:
+    "The warehouse's documents as plain dicts (via `llmtwin_nb.data.load_documents`); only `author`'s when given."
     try: from llmtwin_nb.data import load_documents
     except ImportError:                                               # chapter 01 not installed: read the parquet
         import pandas as pd
@@ -115,7 +126,7 @@ def load_docs(path: str | Path | None = None, status: str = "active") -> list[di
         d = d.model_dump() if hasattr(d, "model_dump") else dict(d)
         if isinstance(d.get("metadata"), str): d["metadata"] = json.loads(d["metadata"] or "{}")
         out.append({k: d.get(k) for k in DOC_FIELDS})
-    return out
+    return author_docs(out, author) if author is not None else out
 
 # %% ../nbs/02_rag.ipynb #242639c2
 _SENT = re.compile(r"(?<=[.!?;:])\s+(?=[\"“‘(\[A-Z0-9€£$-])")
@@ -409,9 +420,10 @@ def sync_index(client, name: str, chunks: list[Chunk], embedder, cache: Embeddin
     touched = {c.doc_id for c in new} | {have[i] for i in stale}
     return SyncReport(len(chunks), len(chunks) - len(new), len(new), len(stale), n_emb, len(touched), time.time() - t0)
 
-def build_index(docs: list[dict], cfg: RagParams, embedder, root: Path | None = None, log=print) -> SyncReport:
-    "Chunk `docs` and sync them into the configured Qdrant collection (folder or server)."
+def build_index(docs: list[dict], cfg: RagParams, embedder, root: Path | None = None, log=print, author: str | None = None) -> SyncReport:
+    "Chunk `docs` (only `author`'s when given: the twin's) and sync them into the configured Qdrant collection (folder or server)."
     root = Path(root or get_paths().root)
+    if author is not None: docs = author_docs(docs, author)
     model_fp = _embedder_fp(embedder)
     chunks = [c for d in docs for c in chunk_document(d, cfg, embedder.tokenizer, embedder, model_fp)]
     cache = EmbeddingCache(root/cfg.embed_cache, model_fp)
@@ -425,9 +437,10 @@ def build_index(docs: list[dict], cfg: RagParams, embedder, root: Path | None = 
 # %% ../nbs/02_rag.ipynb #45043963
 PLATFORM_WORDS = {                                     # phrases that say where the answer was *published*
     "linkedin": [r"linked ?in"],
-    "substack": [r"\bsubstack\b", r"\b(in|on|from) (her|the|my|your|this|that) (substack|newsletter)\b", r"\bnewsletter (issue|post)s?\b"],
+    "substack": [r"\bsubstack\b", r"\b(in|on|from) (her|his|their|the|my|your|this|that) (substack|newsletter)\b", r"\bnewsletter (issue|post)s?\b"],
     "medium": [r"\b(on|in) medium\b", r"\bmedium (post|article|essay)s?\b", r"\bblog post\b"],
-    "github": [r"\bgithub\b", r"\b(in|from) (the )?(pondlet )?(repo|repository|docs|documentation|readme|changelog|source code)\b"],
+    "github": [r"\bgithub\b", r"\b(in|from) (the |her |his |their |my |your )?([\w\-]+ )?(repo|repository|docs|documentation|readme|changelog|source code)\b"],
+    "local": [r"\b(in|from) (her|his|their|the|my|your) (own |personal )?notes\b"],       # a folder of notes (platform `local`)
 }
 
 class UnknownFilterError(ValueError): "A filter names an author/platform/kind the index does not hold."
@@ -815,8 +828,8 @@ def good_question(q: str, chunk: str, n: int = 5) -> str | None:
 # %% ../nbs/02_rag.ipynb #64f3d979
 _NUMBER = re.compile(r"\d")
 _CODE = re.compile(r"[=(){}\[\];<>`|]|\bdef |\bimport |\breturn\b|\bself\.")
-SOURCE_PHRASE = {"linkedin": "In her LinkedIn post", "substack": "In her newsletter", "medium": "On Medium",
-                 "github": "In the pondlet docs"}
+SOURCE_PHRASE = {"linkedin": "In a LinkedIn post", "substack": "In the newsletter", "medium": "On Medium",
+                 "github": "In the repository docs", "local": "In the notes"}     # each one self-query's rules recognise
 GENERIC = set("""either neither nobody anybody anyone anything something everything everyone someone nothing since because still even
 right place expect expected become became happens happened happen seen reason reasons fact works work worked working turned thing stuff
 people good better best part made make makes said says say saying take took taken time times way ways first last next other another

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import argparse, asyncio, collections, concurrent.futures as cf, contextlib, copy, dataclasses, errno, fcntl, hashlib, json
-import logging, math, os, queue, re, sys, threading, time, uuid, zlib
+import logging, math, os, queue, random, re, sys, threading, time, uuid, zlib
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional, Protocol, Union
@@ -15,19 +15,20 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .core import (BackendError, ChatResult, OpenAIChatBackend, ParamsError, Section, get_paths,
-                             hardware_info, load_embedder, load_llm, pick_device, register_params, section_params,
-                             seed_everything, write_json)
+                             hardware_info, load_embedder, load_llm, load_params, pick_device, register_params,
+                             section_params, seed_everything, write_json)
 
 log = logging.getLogger("llmtwin_nb.serve")
 
 # %% auto #0
 __all__ = ['log', 'FEEDBACK_FILE', 'TRAINED_MODELS', 'INJECTION_PATTERNS', 'THUMBS', 'parse_weights', 'parse_variants',
            'ServeParams', 'resolve_serve_model', 'Source', 'Retriever', 'assemble_context', 'EmbeddingRetriever',
-           'RagRetriever', 'load_retriever', 'PromptTemplate', 'PromptRegistry', 'cited_numbers', 'find_injection',
-           'Tracer', 'LogRead', 'FeedbackLog', 'TraceIndex', 'read_traces', 'normalize_rating', 'FeedbackIn',
-           'QueueFull', 'GenJob', 'CharTokenizer', 'BatchEngine', 'assign_variant', 'ABRouter', 'ApiError', 'TextPart',
-           'ChatMessage', 'ChatRequest', 'RagRequest', 'parse_body', 'BodyLimit', 'Variant', 'Prepared', 'ServeState',
-           'StreamMasker', 'create_app', 'ServerThread', 'main', 'load_test']
+           'RagRetriever', 'load_retriever', 'reader_questions', 'PromptTemplate', 'PromptRegistry', 'cited_numbers',
+           'find_injection', 'Tracer', 'LogRead', 'FeedbackLog', 'TraceIndex', 'read_traces', 'normalize_rating',
+           'FeedbackIn', 'QueueFull', 'GenJob', 'CharTokenizer', 'BatchEngine', 'assign_variant', 'ABRouter',
+           'ApiError', 'TextPart', 'ChatMessage', 'ChatRequest', 'RagRequest', 'invalid_text', 'parse_body',
+           'BodyLimit', 'Variant', 'Prepared', 'ServeState', 'StreamMasker', 'create_app', 'ServerThread', 'main',
+           'load_test']
 
 # %% ../nbs/07_serving.ipynb #8b6e29fc
 def parse_weights(spec: str | dict, what: str = "serve.split") -> dict[str, float]:
@@ -90,6 +91,9 @@ class ServeParams(Section):
     ab_salt: str = Field("llmtwin-ab-1", min_length=1, description="hashed with the user key to pick the variant; change it to reshuffle users")
     prompts_dir: str = Field("prompts", min_length=1, description="versioned prompt templates (*.yaml), relative to the repository root")
     rag_template: str = Field("rag_answer", pattern=r"^[a-z0-9_]+(@v[0-9]+)?$", description="template of RAG answers: an id (latest version) or id@vN")
+    chat_template: str = Field("twin_chat", pattern=r"^[a-z0-9_]+(@v[0-9]+)?$",
+                               description="template of chat requests that bring no system message: the twin's training-time system "
+                                           "prompt, its {author} filled with data.author")
     load_requests: int = Field(56, ge=1)
     load_concurrency: int = Field(8, ge=1)
     load_max_tokens: int = Field(16, gt=0)
@@ -141,6 +145,7 @@ class Source:
     score: float
     doc_id: Optional[str] = None
     n: int = 0
+    author: Optional[str] = None
 
 class Retriever(Protocol):
     def retrieve(self, query: str, k: int) -> list[Source]: ...
@@ -186,12 +191,12 @@ class EmbeddingRetriever:
 
 # %% ../nbs/07_serving.ipynb #0bd5eecd
 class RagRetriever:
-    "Adapter from `llmtwin_nb.rag` (chapter 02's Qdrant index) to the `Retriever` protocol."
+    "Adapter from `llmtwin_nb.rag` (chapter 02's Qdrant index) to the `Retriever` protocol; `author`: only that author's chunks."
     def __init__(self, index_path: str | Path, embedder_ref: str = "packaged:minilm", collection: str = "chunks",
-                 reranker: str = "none", device: str = "auto", root: str | Path | None = None):
+                 reranker: str = "none", device: str = "auto", root: str | Path | None = None, author: str | None = None):
         from llmtwin_nb import rag
         self.rag, self.index_path, self._stack = rag, Path(index_path), contextlib.ExitStack()
-        self.snapshot = None
+        self.snapshot, self.author, self.filters = None, author, None
         try: client = self._stack.enter_context(rag.open_qdrant(self.index_path, create=False))
         except rag.IndexLockedError:           # another process (a notebook, the eval chapter) holds the folder:
             import shutil, tempfile            # we only read, so serve a private copy of it
@@ -210,6 +215,15 @@ class RagRetriever:
                 except (FileNotFoundError, OSError) as e: log.warning("serving without a reranker: %s", e)
             self.reranker = type(rr).__name__ if rr else "none"
             self.impl = rag.Retriever(client, collection, emb, rr, None, rcfg)
+            self.authors = list(self.impl.known.get("author") or [])
+            if author is not None:
+                if author not in self.authors:
+                    raise ValueError(f"the index at {self.index_path} holds no chunk by {author!r} (data.author) but by {self.authors or 'nobody'}: "
+                                     "rebuild it for this twin with `dvc repro rag`")
+                if set(self.authors) != {author}:        # another author's chunks must never reach the twin's context
+                    self.filters = {"author": author}
+                    log.warning("the index at %s also holds %s: searching %r's chunks only", self.index_path,
+                                sorted(set(self.authors) - {author}), author)
         except BaseException: self._stack.close(); raise
     @staticmethod
     def _texts(client, collection):
@@ -219,8 +233,9 @@ class RagRetriever:
             out += [p.payload.get("text", "") for p in pts]
             if off is None: return out
     def retrieve(self, query: str, k: int) -> list[Source]:
-        return [Source(id=str(h.id), title=h.title, url=h.url, text=h.text, score=float(h.score), doc_id=h.doc_id)
-                for h in self.impl.retrieve(query, k)]
+        return [Source(id=str(h.id), title=h.title, url=h.url, text=h.text, score=float(h.score), doc_id=h.doc_id,
+                       author=(h.payload or {}).get("author"))
+                for h in self.impl.retrieve(query, k, filters=self.filters)]
     def assemble_context(self, sources: list[Source], budget_tokens: int, tokenizer) -> tuple[str, list[Source]]:
         hits = [self.rag.Hit(s.id, s.doc_id, s.score, s.text, s.title, s.url, {}) for s in sources]
         ctx, docs = self.rag.assemble_context(hits, tokenizer, budget_tokens)
@@ -229,14 +244,31 @@ class RagRetriever:
     def close(self): self._stack.close()
 
 def load_retriever(index_path: str | Path, embedder_ref: str = "packaged:minilm", collection: str = "chunks",
-                   reranker: str = "none", device: str = "auto", root: str | Path | None = None) -> Retriever:
-    "The chapter-02 Qdrant retriever; `FileNotFoundError` saying what to run if the index or the `rag` module is missing."
+                   reranker: str = "none", device: str = "auto", root: str | Path | None = None, author: str | None = None) -> Retriever:
+    "The chapter-02 Qdrant retriever (only `author`'s chunks when given); `FileNotFoundError` saying what to run if the index or `rag` is missing."
     import importlib.util
     p = Path(index_path)
     if not p.exists(): raise FileNotFoundError(f"no vector index at {p}: run `dvc repro rag` (chapter 02) first, or set serve.index_path")
     if importlib.util.find_spec("llmtwin_nb.rag") is None:
         raise FileNotFoundError("llmtwin_nb.rag is not installed: export nbs/02_rag.ipynb (nbdev_export)")
-    return RagRetriever(p, embedder_ref, collection, reranker, device, root)
+    return RagRetriever(p, embedder_ref, collection, reranker, device, root, author)
+
+
+# %% ../nbs/07_serving.ipynb #d1fa7a1b
+def reader_questions(docs, n: int = 8, seed: int = 0) -> list[dict]:
+    "`n` questions `{question, doc_id, title}` a reader could ask about `docs`: the key words of each one's opening extract (prose first)."
+    from llmtwin_nb.sft import key_phrase, split_extracts
+    if n < 1: raise ValueError(f"n must be >= 1, got {n}")
+    usable = sorted((d for d in docs if (d.content or "").strip()), key=lambda d: d.id)
+    pool = [d for d in usable if getattr(d, "kind", None) != "repository"] or usable
+    if not pool: raise ValueError("no document with text to ask about: the twin has no documents in the warehouse (run `dvc repro data`)")
+    random.Random(seed).shuffle(pool)
+    out = []
+    for d in pool[:n]:
+        extract = (split_extracts(d.content, 250, 800) or [d.content])[0]
+        out.append(dict(question=f"What have you written about {key_phrase(extract)}?", doc_id=d.id, title=d.title))
+    return out
+
 
 # %% ../nbs/07_serving.ipynb #1b33d4e8
 class PromptTemplate(BaseModel):
@@ -698,14 +730,38 @@ def _explain_validation(errors: list[dict]) -> tuple[str, str | None]:
         param = param or where or None
     return "; ".join(dict.fromkeys(msgs)), param
 
+def invalid_text(obj) -> tuple[str, int, str] | None:
+    "The first string (value or key) of a parsed JSON value that is not Unicode text: `(where, index, 'U+XXXX')`; None if all are."
+    todo = [((), obj, False)]
+    while todo:
+        path, o, is_key = todo.pop()
+        if isinstance(o, str):
+            try: o.encode("utf-8")                    # fails exactly on lone surrogates, which JSON's \uXXXX escapes can carry
+            except UnicodeEncodeError as e:
+                where = ".".join(map(str, path)) or "body"
+                return (f"a key in `{where}`" if is_key else f"`{where}`"), e.start, f"U+{ord(o[e.start]):04X}"
+        elif isinstance(o, dict):
+            for k in reversed(list(o)): todo += [(path + (k,), o[k], False), (path, k, True)]     # the key is checked first
+        elif isinstance(o, list):
+            todo += [(path + (i,), v, False) for i, v in reversed(list(enumerate(o)))]
+    return None
+
 async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    "The JSON body validated against `model`; `ApiError(400)` saying what is wrong otherwise."
+    "The JSON body validated against `model`; `ApiError(400)` saying what is wrong otherwise (text the model cannot read included)."
     from pydantic import ValidationError
     raw = await request.body()
     try: obj = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object with Content-Type: application/json",
                        code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "the request body is nested too deeply to parse; send a flat JSON object like {\"model\": ..., \"messages\": [...]}",
+                       code="invalid_json") from None
+    if bad := invalid_text(obj):                      # checked here, at the boundary: no tokenizer, log or trace ever sees it
+        where, i, ch = bad
+        raise ApiError(400, f"{where} is not valid text: it holds a lone UTF-16 surrogate ({ch}) at character {i}, which cannot be "
+                            "tokenized or stored; send Unicode text (a character beyond U+FFFF as a surrogate *pair* of \\u escapes, "
+                            "or as UTF-8)", param=where.strip("`") if where.startswith("`") else None, code="invalid_text")
     try: return model.model_validate(obj)
     except ValidationError as e:
         msg, param = _explain_validation(e.errors())
@@ -758,10 +814,12 @@ class Prepared:
 
 class ServeState:
     def __init__(self, cfg: ServeParams, variants: dict[str, Variant], retriever: Retriever | None, tracer: Tracer,
-                 prompts: PromptRegistry, feedback: FeedbackLog | None = None, index_error: str | None = None):
+                 prompts: PromptRegistry, feedback: FeedbackLog | None = None, index_error: str | None = None, author: str | None = None):
         self.cfg, self.variants, self.retriever, self.tracer, self.prompts = cfg, dict(variants), retriever, tracer, prompts
         self.ab = ABRouter(self.variants, cfg.weights(), cfg.ab_salt)
         self.rag_template = prompts.get(cfg.rag_template)
+        self.author = author                       # data.author: whom the twin speaks as (None: no system prompt is added)
+        self.chat_template = prompts.get(cfg.chat_template) if author else None
         self.feedback = feedback or FeedbackLog(tracer.path.with_name(FEEDBACK_FILE))
         self.traces = TraceIndex(tracer.path)
         self.index_error, self.started, self.lock = index_error, time.time(), threading.Lock()
@@ -804,6 +862,10 @@ class ServeState:
                                code="prompt_injection_detected")
         return out, flags
 
+    def template_vars(self) -> dict:
+        "Values every template may use besides the question and context: `{author}` (data.author)."
+        return {"author": self.author or "the author"}
+
     def max_new(self, *asked: int | None) -> int:
         n = next((a for a in asked if a is not None), self.cfg.default_max_tokens)
         if n > self.cfg.max_new_tokens:
@@ -832,11 +894,16 @@ class ServeState:
         if not users or not users[-1].strip():
             raise ApiError(400, "the conversation needs a non-empty user message (role `user`) to answer", param="messages", code="no_user_message")
         question, sources, template_id = users[-1], [], "chat"
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
         if rag:
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
             ctx, sources, ctx_flags = self.retrieve(question, engine=variant.engine)
             flags["injection_in_sources"] = ctx_flags
-            msgs, template_id = self.rag_template.render(question=question, context=ctx, history=msgs[:last]), self.rag_template.template_id
+            msgs = self.rag_template.render(question=question, context=ctx, history=msgs[:last], **self.template_vars())
+            template_id = self.rag_template.template_id
+        elif self.chat_template is not None and not any(m["role"] == "system" for m in msgs):
+            # no system message: the twin's training-time system prompt, with the author's name from data.author
+            msgs = self.chat_template.render(question=question, history=msgs[:last], **self.template_vars()) + msgs[last + 1:]
+            template_id = self.chat_template.template_id
         n = variant.engine.count_prompt_tokens(msgs)
         if n > self.cfg.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {n} tokens, over the limit of {self.cfg.max_prompt_tokens} (serve.max_prompt_tokens): "
@@ -848,7 +915,7 @@ class ServeState:
         variant = variant or next(iter(self.variants.values()))
         texts, flags = self.guard_input([question])
         ctx, sources, ctx_flags = self.retrieve(texts[0], k, variant.engine)
-        msgs = self.rag_template.render(question=texts[0], context=ctx)
+        msgs = self.rag_template.render(question=texts[0], context=ctx, **self.template_vars())
         n = variant.engine.count_prompt_tokens(msgs)
         if n > self.cfg.max_prompt_tokens:
             raise ApiError(400, f"the prompt has {n} tokens, over the limit of {self.cfg.max_prompt_tokens} (serve.max_prompt_tokens): "
@@ -923,13 +990,19 @@ class StreamMasker:
 def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "packaged:smollm2-135m-instruct",
                embedder: str = "packaged:minilm", device: str = "auto", dtype: str = "auto", seed: int = 42,
                root: str | Path | None = None, retriever: Retriever | None = None, model=None, tokenizer=None,
-               models: dict[str, tuple] | None = None) -> FastAPI:
-    """The twin's FastAPI app. Pass `retriever`, `model`+`tokenizer` (for `serve.model`) or `models` ({reference: (model, tokenizer)})
-    to reuse loaded ones; the rest loads at start-up, each model once however many variants serve it."""
-    cfg = cfg if isinstance(cfg, ServeParams) else section_params("serve", cfg or {})
+               models: dict[str, tuple] | None = None, author: str | None = None) -> FastAPI:
+    """The twin's FastAPI app. `author` (data.author) is whom the twin speaks as: chat requests without a system message get
+    `serve.chat_template` with that name, and a retriever loaded here searches that author's chunks only. Pass `retriever`,
+    `model`+`tokenizer` (for `serve.model`) or `models` ({reference: (model, tokenizer)}) to reuse loaded ones; the rest loads
+    at start-up, each model once however many variants serve it."""
+    if not isinstance(cfg, ServeParams):          # a dict, or the schema object of another import of this module (a notebook's)
+        cfg = section_params("serve", cfg.model_dump() if isinstance(cfg, BaseModel) else (cfg or {}))
     root = Path(root) if root else get_paths().root
     prompts = PromptRegistry(Path(cfg.prompts_dir) if Path(cfg.prompts_dir).is_absolute() else root/cfg.prompts_dir)
     prompts.get(cfg.rag_template)                         # a missing template fails here, before any model loads
+    if author is not None:
+        if not author.strip(): raise ValueError("author is empty: set data.author to the twin's name")
+        prompts.get(cfg.chat_template)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -953,10 +1026,10 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
                 variants[name] = Variant(name, str(ref), engine.start())
             r, err = retriever, None
             if r is None:
-                try: r = load_retriever(root/cfg.index_path, embedder, cfg.collection, cfg.reranker, device, root)
+                try: r = load_retriever(root/cfg.index_path, embedder, cfg.collection, cfg.reranker, device, root, author)
                 except Exception as e: err = str(e); log.warning("serving without retrieval: %s", e)
             trace_path = Path(cfg.trace_path) if Path(cfg.trace_path).is_absolute() else root/cfg.trace_path
-            app.state.serve = ServeState(cfg, variants, r, Tracer(trace_path), prompts, index_error=err)
+            app.state.serve = ServeState(cfg, variants, r, Tracer(trace_path), prompts, index_error=err, author=author)
         except BaseException:
             for v in variants.values(): v.engine.stop()
             raise
@@ -988,7 +1061,7 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
     @app.get("/health")
     async def health(request: Request):
         s = state(request); e = s.engine; w = s.ab.split
-        return {"status": "ok", "model": s.model_ref, "served_as": s.model_ids, "backend": cfg.backend,
+        return {"status": "ok", "model": s.model_ref, "served_as": s.model_ids, "backend": cfg.backend, "author": s.author,
                 "retrieval": s.retriever is not None, "index_error": s.index_error, "inflight": sum(x.inflight for x in s.engines.values()),
                 "max_queue": e.max_queue, "max_batch_size": e.max_batch_size, "batches": sum(x.stats["batches"] for x in s.engines.values()),
                 "requests": sum(x.stats["requests"] for x in s.engines.values()),
@@ -1124,9 +1197,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = section_params("serve", raw.get("serve") or {})
         c, m = section_params("core", raw.get("core") or {}), section_params("models", raw.get("models") or {})
     except ParamsError as e: print(e, file=sys.stderr); return 1
+    author = (raw.get("data") or {}).get("author")                          # data.author: whom the twin speaks as
+    if author is not None and (not isinstance(author, str) or not author.strip()):
+        print(f"{a.params}: data.author = {author!r}: must be the twin's name (a non-empty string)", file=sys.stderr); return 1
+    if author is None: log.warning("%s has no data.author: chat requests get no twin system prompt", a.params)
     seed_everything(c.seed)
     root = Path(a.params).resolve().parent if Path(a.params).exists() else None
-    app = create_app(cfg, models_llm=m.llm, embedder=m.embedder, device=c.device, dtype=c.dtype, seed=c.seed, root=root)
+    app = create_app(cfg, models_llm=m.llm, embedder=m.embedder, device=c.device, dtype=c.dtype, seed=c.seed, root=root, author=author)
     uvicorn.run(app, host=a.host or cfg.host, port=cfg.port if a.port is None else a.port, log_level="info")
     return 0
 

@@ -290,15 +290,27 @@ def _generate_instructions(items, backend, cfg: SftParams, use_llm: list[bool], 
             out.append((template_instruction(doc, extract), "template_budget", None))
     return out
 
-def build_instruct_dataset(docs, tokenizer, cfg: SftParams, backend=None, evalsets: dict | None = None, seed: int = 42, log=print):
-    "Curated `DatasetDict(train, test)` of prompt/completion rows from warehouse documents, and a report of every step."
+def build_instruct_dataset(docs, tokenizer, cfg: SftParams, backend=None, evalsets: dict | None = None, seed: int = 42, log=print,
+                           author: str | None = None):
+    "Curated `DatasetDict(train, test)` of prompt/completion rows from warehouse documents (only `author`'s when given), and a report of every step."
     from datasets import Dataset, DatasetDict
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         raise ValueError("the base model's tokenizer has no chat template; use an instruct model (e.g. packaged:smollm2-135m-instruct) or set tokenizer.chat_template")
     docs = [d for d in docs if (_get(d, "status") or "active") == "active"]
     if not docs: raise ValueError("the warehouse has no active documents; run the data stage first (dvc repro data)")
-    kinds = set(cfg.kinds.split(","))
-    rep = Counter(documents=len(docs))
+    n_all = len(docs)
+    if author is not None:                               # the twin only: other authors' writing never becomes training data
+        mine = [d for d in docs if _get(d, "author") == author]
+        if not mine:
+            have = dict(Counter(_get(d, "author") for d in docs))
+            raise ValueError(f"no active documents by {author!r} (data.author) in the warehouse, which holds {have}: set data.author "
+                             "to one of these authors, or add that author's exports to data.sources and rerun the data stage (dvc repro data)")
+        docs = mine
+    kinds = cfg.kinds.split(",")
+    rep = Counter(documents=len(docs), documents_other_authors=n_all - len(docs))
+    per_kind = Counter(_get(d, "kind") for d in docs)
+    for k in kinds:
+        if not per_kind[k]: log(f"no {k} documents in the corpus: sft.kinds names it, so it simply adds no rows")
     docs = [d for d in docs if _get(d, "kind") in kinds]
     rep["documents_kept_kind"] = len(docs)
     bp = boilerplate_paragraphs(docs, cfg.boilerplate_min_docs)
@@ -347,7 +359,7 @@ def build_instruct_dataset(docs, tokenizer, cfg: SftParams, backend=None, evalse
     for s in rows: random.Random(seed).shuffle(rows[s])
     rep.update(train_examples=len(rows["train"]), test_examples=len(rows["test"]))
     src = Counter(r["instruction_source"] for s in rows for r in rows[s])
-    report = dict(rep, contaminated_by=dict(contaminated), evalsets={k: len(v) for k, v in (evalsets or {}).items()},
+    report = dict(rep, documents_per_kind={k: per_kind[k] for k in kinds}, author=author, contaminated_by=dict(contaminated), evalsets={k: len(v) for k, v in (evalsets or {}).items()},
                   instruction_source={k: round(v / max(sum(src.values()), 1), 3) for k, v in sorted(src.items())},
                   instruction_source_counts=dict(src), generation=cfg.generation,
                   backend=getattr(backend, "name", None), seed=seed, decontam_ngram=cfg.decontam_ngram, max_llm_calls=cfg.max_llm_calls)
@@ -409,8 +421,9 @@ def write_dataset_card(ds, report: dict, path: str | Path, n_examples: int = 3) 
     for s in ds:
         d = ds[s]
         lines.append(f"| {s} | {len(d)} | {len(set(d['doc_id'])) if len(d) else 0} | {_stats(d['answer_chars']) if len(d) else '-'} | {_stats(d['tokens']) if len(d) else '-'} |")
-    lines += ["", "## Curation funnel", "", "| step | count |", "|---|---|"]
-    for k in ("documents", "documents_kept_kind", "boilerplate_paragraphs", "extracts", "dropped_language", "dropped_near_duplicate",
+    lines += ["", "## Curation funnel", "", f"Author: {report.get('author') or 'every author in the warehouse'} "
+              f"(documents per kind: {report.get('documents_per_kind', {})}).", "", "| step | count |", "|---|---|"]
+    for k in ("documents_other_authors", "documents", "documents_kept_kind", "boilerplate_paragraphs", "extracts", "dropped_language", "dropped_near_duplicate",
               "dropped_contaminated", "dropped_too_long", "train_examples", "test_examples"):
         lines.append(f"| {k} | {report.get(k, 0)} |")
     ev = report.get("evalsets") or {}

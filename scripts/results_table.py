@@ -11,7 +11,8 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 TABLES = [
     ("core.json", "Core (the machine and the packaged model)",
      [("hardware.cpu", "CPU"), ("hardware.cores", "cores"), ("llm_params_m", "LLM params (M)"), ("decode_tokens_per_s", "decode tokens/s")]),
-    ("data.json", "Data", [("documents", "documents"), ("words", "words"), ("duplicates_removed", "duplicates removed"), ("pii_masked.total", "PII masked")]),
+    ("data.json", "Data (the warehouse holds every author; the twin's documents train it, the others only evaluate it)",
+     [("twin", "twin"), ("documents", "documents"), ("words", "words"), ("duplicates_removed", "duplicates removed"), ("pii_masked.total", "PII masked")]),
     ("rag.json", "Retrieval (default configuration)",
      [("recall_at_5", "recall@5"), ("mrr_at_10", "MRR@10"), ("latency_ms_p50", "p50 ms"), ("latency_ms_p95", "p95 ms")]),
     ("sft.json", "SFT", [("train_examples", "train examples"), ("train_loss_first", "loss first"), ("train_loss_last", "loss last"),
@@ -31,6 +32,16 @@ def get(d, path):
         d = d[k]
     return f"{d:.3g}" if isinstance(d, float) else str(d)
 
+def ci_pos(t: dict) -> str: return f"{t['value']:.3g} [{t['lo']:.3g}, {t['hi']:.3g}]" if t.get("lo") is not None else f"{t['value']:.3g}"
+
+def stale_stages() -> list[str]:
+    "Pipeline stages whose dvc.lock entry no longer matches the code, params or inputs."
+    try: r = subprocess.run(["dvc", "status", "--json"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired): return []
+    try: status = json.loads(r.stdout or "{}")
+    except json.JSONDecodeError: return []
+    return [s for s in status if not s.endswith(".dvc")]
+
 def commit():
     try: return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "uncommitted"
     except OSError: return "unknown"
@@ -44,12 +55,14 @@ def render() -> str:
         d = json.loads(p.read_text())
         out += [f"**{title}** (`results/{fname}`)", "", "| " + " | ".join(l for _, l in cols) + " |",
                 "|" + "---|" * len(cols), "| " + " | ".join(get(d, k) for k, _ in cols) + " |", ""]
+    if (ROOT/"results"/"data.json").exists() and (authors := json.loads((ROOT/"results"/"data.json").read_text()).get("authors")):
+        out += ["Documents per author: " + ", ".join(f"{a} {n}" for a, n in authors.items()) + ".", ""]
     if (ROOT/"results"/"eval.json").exists():
         full = json.loads((ROOT/"results"/"eval.json").read_text())
         ev = full.get("models", {})
-        keys = ["twin_score", "perplexity", "judge_accuracy", "judge_style"]
+        keys = ["twin_position.value", "twin_score", "perplexity", "judge_accuracy", "judge_style"]
         extra = [("perplexity_chat", "perplexity (chat)"), ("lmeval.llmtwin_author_mc.acc", "author MC acc (lm-eval)"), ("ragas.rouge_l", "RAG ROUGE-L (ragas)"), ("repetition.repeated_4gram_share", "repeated 4-gram share")]
-        out += ["**Evaluation** (`results/eval.json`)", "", "| model | " + " | ".join(keys + [l for _, l in extra]) + " |", "|---|" + "---|" * (len(keys) + len(extra))]
+        out += ["**Evaluation** (`results/eval.json`)", "", "| model | " + " | ".join([k.split(".")[0] for k in keys] + [l for _, l in extra]) + " |", "|---|" + "---|" * (len(keys) + len(extra))]
         def gv(v, k): r = get(v, k); return "–" if r == "None" else r          # None: e.g. no judgement parsed
         out += [f"| {m} | " + (f"skipped: {v['skipped']} |" if "skipped" in v else " | ".join(gv(v, k) for k in keys + [k for k, _ in extra]) + " |") for m, v in ev.items()] + [""]
         diffs = full.get("differences", {})
@@ -64,9 +77,18 @@ def render() -> str:
                     f"{js['reference_as_answer']} vs another item's {js['other_reference_as_answer']} (prefers the reference on "
                     f"{js['prefers_reference']:.0%} of items; 50% = cannot tell).", ""]
         cal = full.get("calibration", {})
-        if cal:
-            out += [f"Twin-score calibration on held-out text: author {get(cal, 'author_heldout_mean')}, base model {get(cal, 'base_test_mean')}, "
-                    f"AUC {get(cal, 'auc_heldout')}.", ""]
+        if cal and "ceiling" not in cal:
+            out += ["This `results/eval.json` predates the calibrated, author-agnostic twin metric (`dvc repro eval` regenerates it): "
+                    "its twin_score comes from the earlier hand-tuned classifier.", ""]
+        elif cal:
+            out += [f"Twin metric, calibrated on held-out documents: the twin's own text scores {get(cal, 'ceiling')} (ceiling, "
+                    f"twin_position 1), the other author's {get(cal, 'floor')} (floor, twin_position 0); the metric tells the two "
+                    f"authors apart with AUC {get(cal, 'author_vs_other_auc')}.", ""]
+            tp = [(m, v["twin_position"]) for m, v in ev.items() if isinstance(v.get("twin_position"), dict)]
+            if tp: out += ["twin_position with 95% bootstrap intervals: " + ", ".join(f"{m} {ci_pos(t)}" for m, t in tp) + ".", ""]
+    if stale := stale_stages():
+        out += [f"Not yet re-run since the code or params changed (`dvc status`): {', '.join(stale)}. Their figures above come "
+                "from the last run of those stages; `dvc repro` brings them up to date.", ""]
     out.append(END)
     return "\n".join(out)
 

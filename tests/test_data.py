@@ -1,19 +1,27 @@
 """Chapter 1 (data): importers round-trip their formats, archives are extracted safely, the warehouse's
 change-data-capture is exact, failing sources are reported without losing the others, PII is masked, and the
-git importer never follows links or imports binaries, vendored, generated or oversize files."""
-import csv, json, os, subprocess, zipfile
+git importer never follows links or imports binaries, vendored, generated or oversize files. Sources belong to
+authors (records that name their author keep it), Markdown front matter is read, and bad input stops the stage
+with a message naming the file before anything is written."""
+import csv, json, os, subprocess, time, zipfile
 from pathlib import Path
 
 import pytest
 
-from llmtwin_nb.core import get_paths
-from llmtwin_nb.data import (DataParams, UnsafeArchiveError, collect_sources, import_book_export, import_git,
+from llmtwin_nb.core import ParamsError, get_paths, section_params
+from llmtwin_nb.data import (DataError, DataParams, SourceError, UnsafeArchiveError, collect_sources, import_book_export, import_git,
                              import_linkedin_export, import_local_folder, import_medium_export, import_substack_export,
                              ImportContext, load_documents, load_warehouse, read_rows, run_etl, safe_extract_zip,
-                             warehouse_file)
+                             split_front_matter, warehouse_file)
 
 SAMPLES = get_paths().root/"samples"
-CFG = DataParams(crawl_max_retries=1, crawl_backoff_s=0.01, crawl_per_host_delay_s=0.0, crawl_timeout_s=3)
+FAST = dict(crawl_max_retries=1, crawl_backoff_s=0.01, crawl_per_host_delay_s=0.0, crawl_timeout_s=3)
+
+def make_cfg(sources, author="Ada Tester", **kw) -> DataParams:
+    "Validated data params (no demo defaults: author and sources are required)."
+    return DataParams(**{**FAST, "author": author, "sources": sources, **kw})
+
+CFG = make_cfg(["medium-export"])
 
 # ---------- small exports in the platforms' formats ----------
 MEDIUM_POST = """<!DOCTYPE html><html><head><title>{title}</title></head><body><article class="h-entry">
@@ -155,7 +163,7 @@ def corpus(tmp_path):
     raw = tmp_path/"raw"
     write_medium(raw/"medium-export", medium_posts()); write_substack(raw/"substack-export", substack_posts())
     write_linkedin(raw/"linkedin-export", linkedin_posts())
-    cfg = CFG.model_copy(update=dict(sources=["medium-export", "substack-export", "linkedin-export"], author="Ada Tester"))
+    cfg = make_cfg({"Ada Tester": ["medium-export", "substack-export", "linkedin-export"]})
     return raw, tmp_path/"wh", cfg
 
 def test_rerun_is_byte_identical(corpus):
@@ -187,12 +195,15 @@ def test_edit_updates_exactly_one_row_and_vanished_is_marked(corpus):
     assert {k for k in row if row[k] != old[k]} == {"content", "content_hash", "updated_at"}
     # a post vanishes from the export: marked, not deleted; a re-run keeps it marked without counting it again
     (raw/"substack-export"/"posts"/"100.issue-0.html").unlink()
-    r = run_etl(cfg, raw, wh, now="2026-01-03T00:00:00Z"); rows = read_rows(wh)
+    # it was the twin's only `test` document: the strict stage stops (nothing written); strict=False merges the snapshot
+    with pytest.raises(DataError, match="none in the `test` split"): run_etl(cfg, raw, wh, now="2026-01-03T00:00:00Z")
+    assert read_rows(wh) == after
+    r = run_etl(cfg, raw, wh, now="2026-01-03T00:00:00Z", strict=False); rows = read_rows(wh)
     assert r["vanished"] == 1 and r["documents"] == 7 and len(rows) == 8
     gone = [x for x in rows.values() if x["status"] == "vanished"]
     assert len(gone) == 1 and gone[0]["title"] == "Issue 0" and gone[0]["updated_at"] == "2026-01-03T00:00:00Z"
     assert len(load_documents(wh)) == 7 and len(load_documents(wh, status=None)) == 8
-    r = run_etl(cfg, raw, wh, now="2026-01-04T00:00:00Z"); assert r["vanished"] == 0 and r["vanished_total"] == 1
+    r = run_etl(cfg, raw, wh, now="2026-01-04T00:00:00Z", strict=False); assert r["vanished"] == 0 and r["vanished_total"] == 1
 
 def test_failing_sources_are_reported_and_others_land(corpus):
     from llmtwin_nb.crawl import FixtureSite
@@ -200,9 +211,12 @@ def test_failing_sources_are_reported_and_others_land(corpus):
     routes = {"/robots.txt": (200, {"Content-Type": "text/plain"}, b"User-agent: *\nAllow: /\n", 0),
               "/down": (500, {"Content-Type": "text/plain"}, b"always broken", 0)}
     with FixtureSite(routes) as site:
-        bad = cfg.model_copy(update=dict(sources=[*cfg.sources, site.url("/down"), "missing-export", "https://www.linkedin.com/in/ada"]))
-        r = run_etl(bad, raw, wh, now="2026-01-01T00:00:00Z")
+        bad = make_cfg({"Ada Tester": [*cfg.sources["Ada Tester"], site.url("/down"), "missing-export", "https://www.linkedin.com/in/ada"]})
+        r = run_etl(bad, raw, wh, now="2026-01-01T00:00:00Z", strict=False)
         assert site.hits("/down") == 2          # one try + one retry, then given up
+        # the stage itself (strict) refuses the same sources, lists every problem, and writes nothing
+        with pytest.raises(DataError) as e: run_etl(bad, raw, tmp_wh := wh.parent/"wh-strict", now="2026-01-01T00:00:00Z")
+        assert not tmp_wh.exists() and len(e.value.problems) == 3 and all(s in str(e.value) for s in ("missing-export", "/down", "linkedin.com"))
     reasons = {f["source"]: f["reason"] for f in r["failures"]}
     assert set(reasons) == {site.url("/down"), "missing-export", "https://www.linkedin.com/in/ada"}
     assert "500" in reasons[site.url("/down")] or "server" in reasons[site.url("/down")].lower()
@@ -211,7 +225,7 @@ def test_failing_sources_are_reported_and_others_land(corpus):
 
 # ---------- PII on the demo corpus ----------
 def test_pii_masks_planted_kinds_in_the_demo_corpus(tmp_path):
-    cfg = DataParams()
+    cfg = make_cfg({"Ilse Marchetti": ["medium-export", "substack-export", "linkedin-export", "github/pondlet.bundle"]}, author="Ilse Marchetti")
     r = run_etl(cfg, SAMPLES, tmp_path/"wh", now="2026-01-01T00:00:00Z")
     assert r["failures"] == [] and r["pii_masked"]["email"] >= 1 and r["pii_masked"]["phone"] >= 1 and r["pii_masked"]["secret"] >= 2
     text = "\n".join(d.content for d in load_documents(tmp_path/"wh"))
@@ -250,7 +264,7 @@ def repo(tmp_path):
 
 @pytest.mark.parametrize("kind", ["path", "bundle"])
 def test_git_importer_skips_what_it_must(repo, kind):
-    ctx = ImportContext(DataParams(git_max_file_kb=100))
+    ctx = ImportContext(make_cfg(["toyrepo"], git_max_file_kb=100))
     src = str(repo) if kind == "path" else str(repo.parent/"toyrepo.bundle")
     docs = import_git(src, ctx)
     assert sorted(d.metadata["path"] for d in docs) == ["README.md", "pkg/core.py"]
@@ -279,3 +293,135 @@ def test_near_duplicate_repost_is_removed(corpus):
     assert r["duplicates_removed"] == 1 and r["documents"] == 8
     d = r["duplicates"][0]
     assert d["kind"] == "near" and 0.8 <= d["similarity"] < 1 and d["title"] == "Reposting this."
+
+# ---------- params: sources per author ----------
+def test_sources_by_author_and_the_twin_must_be_one_of_them():
+    assert make_cfg("a, b").sources == {"Ada Tester": ["a", "b"]}                     # a plain list is the twin's
+    assert make_cfg({"Ada Tester": "a", "Bo": ["b", "c"]}).sources == {"Ada Tester": ["a"], "Bo": ["b", "c"]}
+    for kw, msg in [(dict(sources={"Bo": ["b"]}), "`data.author` = 'Ada Tester'.*must be one of the authors in data.sources \\('Bo'\\)"),
+                    (dict(sources={"Ada Tester": ["a"], "Bo": ["a"]}), "source 'a' is listed twice"),
+                    (dict(sources={"Ada Tester": []}), "has no sources"),
+                    (dict(sources={"Ada Tester": ["a"]}, pii_kinds=5), "pii_kinds")]:
+        with pytest.raises(ParamsError, match=msg): section_params("data", {"author": "Ada Tester", **kw})
+    with pytest.raises(ParamsError, match="data.author.*Field required"): section_params("data", {"sources": {"Ada": ["a"]}})
+    with pytest.raises(ParamsError, match="data.sources.*Field required"): section_params("data", {"author": "Ada"})
+
+# ---------- authors ----------
+def book_record(i, author=None, text=None, **kw):
+    r = dict(_id={"$oid": f"65b{i:03d}"}, content=dict(Title=f"Book post {i}", Content=text if text is not None else
+             f"Body of book post {i}: " + " ".join(f"bk{i}w{j}" for j in range(40))), platform="medium", link=f"https://medium.com/@b/p{i}", **kw)
+    if author: r["author_full_name"] = author
+    return r
+
+def test_documents_take_their_sources_author_unless_the_record_names_one(tmp_path):
+    raw = tmp_path/"raw"
+    write_medium(raw/"ada-medium", medium_posts())                      # the export names "Ada Tester" too
+    write_linkedin(raw/"bo-linkedin", linkedin_posts(), first="Robert", last="B.")   # the profile spells the name differently
+    recs = [book_record(0, "Bo Writer"), book_record(1, "Cy Guest"), book_record(2)]  # a multi-author book export
+    (raw/"bo.json").write_text(json.dumps(recs))
+    cfg = make_cfg({"Ada Tester": ["ada-medium"], "Bo Writer": ["bo-linkedin", "bo.json"]}, test_fraction=0.5)
+    raws, failures, per_source = collect_sources(cfg.sources, raw, cfg)
+    assert failures == [] and per_source == {"ada-medium": 3, "bo-linkedin": 3, "bo.json": 3}
+    by_source = {(r.source, r.title): r.author for r in raws}
+    assert {a for (s, _), a in by_source.items() if s == "ada-medium"} == {"Ada Tester"}
+    assert {a for (s, _), a in by_source.items() if s == "bo-linkedin"} == {"Bo Writer"}       # the mapping wins for an account export
+    assert all(r.metadata["named_author"] == "Robert B." for r in raws if r.source == "bo-linkedin")
+    assert [by_source[("bo.json", f"Book post {i}")] for i in range(3)] == ["Bo Writer", "Cy Guest", "Bo Writer"]  # the record's own author
+    r = run_etl(cfg, raw, tmp_path/"wh", now="2026-01-01T00:00:00Z", strict=False)
+    assert r["twin"] == "Ada Tester" and r["authors"] == {"Ada Tester": 3, "Bo Writer": 5, "Cy Guest": 1}
+    assert sum(r["twin_splits"].values()) == 3
+    assert {d.author for d in load_documents(tmp_path/"wh", author="Bo Writer")} == {"Bo Writer"}
+    assert len(load_documents(tmp_path/"wh", author="Cy Guest")) == 1
+    with pytest.raises(ValueError, match="no documents by 'Nobody'.*'Ada Tester', 'Bo Writer', 'Cy Guest'"):
+        load_documents(tmp_path/"wh", author="Nobody")
+
+# ---------- Markdown front matter ----------
+def test_front_matter_is_read_and_removed(tmp_path):
+    n = tmp_path/"notes"; n.mkdir()
+    (n/"2024-05-01-retro.md").write_text('---\ntitle: "Retro: the label party"\ndate: 2024-05-01\ntags: [evals, llm]\nauthor: Guest Writer\n'
+                                         'draft: true\n---\n# A different heading\n\nWe labelled 400 examples.\n')
+    (n/"heading.md").write_text("---\ndate: 2024-06-02 10:30:00 +0200\ntags: evals, rag\n---\n\n# From the heading\n\nText.\n")
+    (n/"no-title_here.md").write_text("---\n---\nJust text.\n")
+    (n/"win.md").write_bytes(b"\xef\xbb\xbf---\r\ntitle: Windows\r\ndate: March 5, 2024\r\n---\r\nCRLF text.\r\n")
+    got = {r.metadata["path"]: r for r in import_local_folder(n)}
+    a = got["2024-05-01-retro.md"]
+    assert (a.title, a.published_at, a.author, a.metadata["tags"], a.metadata["draft"]) == \
+           ("Retro: the label party", "2024-05-01T00:00:00Z", "Guest Writer", ["evals", "llm"], True)
+    assert a.body == "# A different heading\n\nWe labelled 400 examples.\n"
+    b = got["heading.md"]
+    assert (b.title, b.published_at, b.author, b.metadata["tags"]) == ("From the heading", "2024-06-02T08:30:00Z", None, ["evals", "rag"])
+    assert got["no-title_here.md"].title == "no title here" and got["no-title_here.md"].body == "Just text.\n"
+    assert (got["win.md"].title, got["win.md"].published_at, got["win.md"].body) == ("Windows", "2024-03-05T00:00:00Z", "CRLF text.\n")
+    assert split_front_matter("# Title\n---\nnot: front matter\n---\n") == ({}, "# Title\n---\nnot: front matter\n---\n")
+
+@pytest.mark.parametrize("text,msg", [("---\ntitle: a: b\n---\nx\n", "front matter .* is not valid YAML.*line 2"),
+                                      ("---\n- a\n- b\n---\nx\n", "front matter must be `key: value` lines"),
+                                      ("---\ndate: someday\n---\nx\n", "`date: someday` is not a date"),
+                                      ("---\ntitle: Only metadata\n---\n\n", "has no text after its front matter")])
+def test_bad_front_matter_names_the_file(tmp_path, text, msg):
+    (tmp_path/"n").mkdir(); (tmp_path/"n"/"ok.md").write_text("Fine text.\n"); (tmp_path/"n"/"bad.md").write_text(text)
+    with pytest.raises(SourceError, match=msg) as e: import_local_folder(tmp_path/"n")
+    assert e.value.source.endswith("bad.md")
+
+# ---------- bad input stops the stage before anything is written ----------
+def write_notes(folder: Path, n: int = 10):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        (folder/f"note-{i}.md").write_text(f"---\ntitle: Note {i}\ndate: 2024-01-{i + 1:02d}\n---\n" + " ".join(f"n{i}w{j}" for j in range(40)) + "\n")
+
+@pytest.fixture
+def good_warehouse(tmp_path):
+    "A warehouse from a good run (10 notes by Ada), its bytes and mtime."
+    raw, wh = tmp_path/"raw", tmp_path/"wh"; write_notes(raw/"notes")
+    r = run_etl(make_cfg({"Ada Tester": ["notes"]}), raw, wh, now="2026-01-01T00:00:00Z")
+    assert r["problems"] == [] and r["documents"] == 10 and set(r["twin_splits"]) == {"train", "test"}
+    f = warehouse_file(wh)
+    return raw, wh, f.read_bytes(), f.stat().st_mtime_ns
+
+DEEP = b"[" * 100_000 + b"]" * 100_000
+BAD_INPUTS = {   # case: (files to write under raw/, extra sources {author: [source]}, text the error must contain)
+    "binary": ({"x.json": b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00"}, None, ["x.json", "a binary file", "not the book's MongoDB export"]),
+    "not_utf8": ({"x.json": '[{"content": {"Content": "Caf\u00e9"}}]'.encode("latin-1")}, None, ["x.json", "not UTF-8 text (byte 0xe9 at offset", "re-save it as UTF-8"]),
+    "not_utf8_note": ({"more/a.md": "Caf\u00e9 au lait".encode("cp1252")}, {"Ada Tester": ["more"]}, ["more: more/a.md: not UTF-8 text", "UTF-8 markdown"]),
+    "malformed_json": ({"x.json": b'[{"content": {"Content": "hi"}},\n {"content": '}, None, ["x.json", "not valid JSON", "line 2", "JSON array of records"]),
+    "malformed_jsonl": ({"x.jsonl": b'{"content": "ok text"}\n{"content": "broken\n'}, {"Ada Tester": ["x.jsonl"]}, ["x.jsonl", "line 2 is not valid JSON"]),
+    "deep_json": ({"x.json": DEEP}, None, ["x.json", "nested deeper than", "levels"]),
+    "empty_array": ({"x.json": b"[]"}, None, ["x.json", "no records (an empty export)"]),
+    "empty_file": ({"x.json": b""}, None, ["x.json", "the file is empty"]),
+    "empty_folder": ({"more/readme.pdf": b"%PDF"}, {"Ada Tester": ["more"]}, ["more", "no .md, .markdown, .txt, .html, .htm files"]),
+    "empty_export": ({"sub/posts.csv": b"post_id,title\n"}, {"Ada Tester": ["sub"]}, ["sub", "found no documents"]),
+    "record_without_text": ({"x.json": json.dumps([book_record(0, "Ada Tester"), book_record(1, "Ada Tester", text="  ")]).encode()}, None,
+                            ["x.json", "record 1 (_id 65b001) has no text"]),
+    "record_without_content": ({"x.json": json.dumps([{"_id": "z9", "platform": "medium"}]).encode()}, None, ["x.json", "record 0 (_id z9) has no `content`"]),
+    "record_not_an_object": ({"x.json": b"[1, 2]"}, None, ["x.json", "record 0 is a JSON number"]),
+    "author_without_documents": ({"x.json": json.dumps([book_record(i, "Robert B.") for i in range(3)]).encode()}, {"Bo Writer": ["x.json"]},
+                                 ["author 'Bo Writer' has no documents", "'Robert B.': 3", "use that exact name"]),
+    "all_filtered_out": ({"x.json": json.dumps([book_record(0, text="Too short.")]).encode()}, None,
+                         ["x.json: none of its 1 documents passed the filters", "1 too short", "data.min_words=20"]),
+}
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_stops_before_writing(good_warehouse, case):
+    raw, wh, before, mtime = good_warehouse
+    files, extra, expected = BAD_INPUTS[case]
+    for name, data in files.items(): (raw/name).parent.mkdir(parents=True, exist_ok=True); (raw/name).write_bytes(data)
+    sources = {"Ada Tester": ["notes"]}                     # the good notes stay in; the bad source joins them
+    for a, s in (extra or {"Ada Tester": ["x.json"]}).items(): sources[a] = sources.get(a, []) + s
+    with pytest.raises(DataError) as e: run_etl(make_cfg(sources), raw, wh, now="2026-02-01T00:00:00Z")
+    msg = str(e.value); print(msg)
+    for s in expected: assert s in msg, (s, msg)
+    assert "stopped before writing the warehouse" in msg
+    f = warehouse_file(wh)
+    assert f.read_bytes() == before and f.stat().st_mtime_ns == mtime and [p.name for p in wh.iterdir()] == ["documents.parquet"]
+
+def test_twin_without_a_test_document_stops(tmp_path):
+    write_notes(tmp_path/"notes", 1)
+    with pytest.raises(DataError, match="the twin 'Ada Tester' has 1 documents and none in the `(test|train)` split"):
+        run_etl(make_cfg(["notes"]), tmp_path, tmp_path/"wh")
+    assert not (tmp_path/"wh").exists()
+
+def test_bad_file_inside_a_zip_is_named_inside_the_zip(tmp_path):
+    (tmp_path/"n").mkdir(); (tmp_path/"n"/"ok.md").write_text("Fine text.\n"); (tmp_path/"n"/"bad.md").write_bytes(b"\x00\x01binary")
+    zip_folder(tmp_path/"n", tmp_path/"notes.zip")
+    _, failures, _ = collect_sources(["notes.zip"], tmp_path, CFG)
+    assert failures == [dict(source="notes.zip", reason=failures[0]["reason"])] and failures[0]["reason"].startswith("notes.zip:n/bad.md: a binary file")

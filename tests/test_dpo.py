@@ -167,3 +167,32 @@ def test_feedback_pairs_are_loaded_in_the_chapter_schema(tmp_path):
     with pytest.raises(ValueError, match="preference.jsonl:2"): load_feedback_pairs(f)
     f.write_text(json.dumps(dict(pair, rejected=pair["chosen"])) + "\n")
     with pytest.raises(ValueError, match="chosen == rejected"): load_feedback_pairs(f)
+
+
+def test_pairs_come_only_from_the_twins_documents(monkeypatch):
+    "Instruct rows of documents that are not the twin's are dropped and counted; too few pairs is an error saying what to change."
+    from llmtwin_nb import dpo
+    from llmtwin_nb.core import ChatResult
+    twin_ids = {f"doc{i}" for i in range(8)}
+    other = [row(100 + i, f"other{i % 4}", "test" if i % 4 == 0 else "train") for i in range(20)]
+    sel, rep = select_prompts(rows(40) + other, max_train=1000, max_test=1000, doc_ids=twin_ids)
+    assert rep["other author"] == 20 and {r["doc_id"] for s in sel.values() for r in s} <= twin_ids
+    monkeypatch.setattr(dpo, "generate_answers", lambda backend, prompts, *a, **kw:
+                        [ChatResult(f"Certainly! Here is a generic answer, number {i}.", "fake") for i in range(len(prompts))])
+    cfg = section_params("dpo", max_train_pairs=64, min_train_pairs=20, max_test_pairs=8)
+    pairs, rep = dpo.build_preference(rows(40) + other, None, cfg, seed=1, doc_ids=twin_ids, log=None)
+    assert rep["other author"] == 20 and {p["doc_id"] for s in pairs.values() for p in s} <= twin_ids
+    assert len(pairs["train"]) == 30 and len(pairs["test"]) == 8
+    # a dropped pair (here: an empty rejected answer for every 4th topic) is refilled from the next prompts, up to the cap
+    import re
+    monkeypatch.setattr(dpo, "generate_answers", lambda backend, prompts, *a, **kw:
+                        [ChatResult("" if int(re.search(r"topic (\d+)", p[-1]["content"]).group(1)) % 4 == 0 else "Certainly! A generic answer.", "fake")
+                         for p in prompts])
+    pairs, rep = dpo.build_preference(rows(40), None, section_params("dpo", max_train_pairs=20, min_train_pairs=10, max_test_pairs=4), seed=1, log=None)
+    assert len(pairs["train"]) == 20 and 20 < rep["train_prompts_generated"] < 30 and rep["empty rejected"] > 0
+    pairs, rep = dpo.build_preference(rows(40), None, section_params("dpo", max_train_pairs=28, min_train_pairs=10, max_test_pairs=4), seed=1, log=None)
+    assert len(pairs["train"]) == 25 and rep["train_prompts_generated"] == 30      # 5 of the 30 train prompts can never pair
+    with pytest.raises(ValueError, match=r"only 30 training pairs \(dpo.min_train_pairs = 31\).*lower dpo.min_train_pairs"):
+        dpo.build_preference(rows(40) + other, None, section_params("dpo", min_train_pairs=31), seed=1, doc_ids=twin_ids, log=None)
+    with pytest.raises(Exception, match="min_train_pairs"):
+        section_params("dpo", min_train_pairs=80, max_train_pairs=64)

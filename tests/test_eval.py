@@ -1,13 +1,17 @@
-"""Chapter 05 (evaluation): the statistics and parsers the comparison rests on.
-Fast (< 60 s on 2 cores): synthetic data, the packaged MiniLM and the packaged 135M model."""
-import os, random
+"""Chapter 05 (evaluation): the statistics, parsers and the twin metric the comparison rests on.
+About a minute on 2 cores: synthetic data, the two sample authors' writing (samples/), the packaged MiniLM and 135M model."""
+import glob, html.parser, json, os, random, re
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from llmtwin_nb.eval import (JudgeParseError, TwinScorer, auc, bootstrap_ci, clip_text, mean_diff_ci, parse_judgement, perplexity,
-                             ppl_diff_ci, style_features, synthetic_styles, text_nll, STYLE_FEATURES)
+                             ppl_diff_ci, passages, rhythm_features, text_nll, twin_metric_texts, twin_position, other_authors,
+                             RHYTHM_FEATURES)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_bootstrap_ci_covers_true_difference():
@@ -52,12 +56,57 @@ def test_judge_parsing_rejects(text, why):
     with pytest.raises(JudgeParseError, match=why): parse_judgement(text)
 
 
-def test_style_features_and_clip():
-    f = dict(zip(STYLE_FEATURES, style_features("Here's the thing: we optimised it; the behaviour changed. Ship the boring version first.")))
-    g = dict(zip(STYLE_FEATURES, style_features("Wow! We optimized it!! The behavior changed, right?")))
-    assert f["semicolon"] > 0 == g["semicolon"] and f["british"] > 0 == g["british"] and g["american"] > 0 == f["american"]
-    assert f["phrases"] > 0 == g["phrases"] and g["exclamation"] > 0 == f["exclamation"]
+def test_rhythm_features_and_passages():
+    f = dict(zip(RHYTHM_FEATURES, rhythm_features("We measured it; the queue was slow. Then we fixed the queue, and the cache.")))
+    g = dict(zip(RHYTHM_FEATURES, rhythm_features("Wow! Did it work? (Sort of.) We tried — twice!")))
+    assert f["semicolon"] > 0 == g["semicolon"] and g["exclamation"] > 0 == f["exclamation"] and g["question"] > 0 == f["question"]
+    assert g["paren"] > 0 == f["paren"] and g["dash"] > 0 == f["dash"] and f["sent_len_mean"] > g["sent_len_mean"]
     assert clip_text("One two. Three four five. Six seven eight nine ten", 6) == "One two. Three four five."
+    ps = passages(" ".join(f"This is sentence {i} of ten." for i in range(10)), 15)
+    assert [len(p.split()) for p in ps] == [12] * 5 and all(p.endswith(".") for p in ps)
+
+
+# --- the twin metric on real writing: the two sample authors -------------------------------------------------------------------
+
+class _Text(html.parser.HTMLParser):
+    "The prose of an HTML export: paragraphs, headings, list items and quotes (code and styles left out)."
+    BLOCKS = {"p", "h1", "h2", "h3", "h4", "li", "blockquote"}
+    def __init__(self):
+        super().__init__(); self.blocks, self.cur, self.depth = [], [], 0
+    def handle_starttag(self, tag, attrs):
+        if tag in self.BLOCKS: self.depth += 1
+    def handle_endtag(self, tag):
+        if tag in self.BLOCKS:
+            self.depth -= 1
+            if self.depth == 0 and self.cur: self.blocks.append(" ".join("".join(self.cur).split())); self.cur = []
+    def handle_data(self, data):
+        if self.depth > 0: self.cur.append(data)
+
+def _html_prose(path) -> str:
+    p = _Text(); p.feed(Path(path).read_text(encoding="utf-8")); return "\n\n".join(b for b in p.blocks if b)
+
+def sample_author_texts() -> dict[str, list[str]]:
+    "Each sample author's documents as plain text, read straight from samples/ (no pipeline needed)."
+    a = [_html_prose(f) for f in sorted(glob.glob(str(ROOT/"samples"/"*-export"/"posts"/"*.html")))]
+    b = [r["content"]["Content"] for r in json.loads((ROOT/"samples"/"marisol-vega"/"warehouse.json").read_text())]
+    b += [re.sub(r"\A---\n.*?\n---\n", "", Path(f).read_text(encoding="utf-8"), flags=re.S)
+          for f in sorted(glob.glob(str(ROOT/"samples"/"marisol-vega"/"notes"/"*.md")))]
+    out = {"Ilse Marchetti": [t for t in a if len(t.split()) > 100], "Marisol Vega": [t for t in b if len(t.split()) > 100]}
+    assert all(len(v) >= 12 for v in out.values()), {k: len(v) for k, v in out.items()}
+    return out
+
+def as_docs(texts_by_author: dict[str, list[str]], test_every: int = 4) -> list[dict]:
+    "Warehouse-like documents, split by document (every `test_every`-th one held out)."
+    return [dict(id=f"{a.split()[0].lower()}{i:03d}", author=a, kind="article", split="test" if i % test_every == test_every - 1 else "train", content=t)
+            for a, ts in texts_by_author.items() for i, t in enumerate(ts)]
+
+class _MemoEmbedder:
+    "The packaged MiniLM with a cache: both directions of the test embed the same passages."
+    def __init__(self, emb): self.emb, self.cache = emb, {}
+    def encode(self, texts, **kw):
+        todo = [t for t in dict.fromkeys(texts) if t not in self.cache]
+        if todo: self.cache.update(zip(todo, self.emb.encode(todo, **kw)))
+        return np.stack([self.cache[t] for t in texts])
 
 
 @pytest.fixture(scope="module")
@@ -66,12 +115,78 @@ def embedder():
     return load_embedder("packaged:minilm", "cpu")
 
 
-def test_twin_classifier_separates_styles(embedder):
-    a, b = synthetic_styles(40, seed=3)
-    s = TwinScorer(embedder, clip_words=80).fit(a[:25], b[:25])
-    pa, pb = s.score(a[25:]), s.score(b[25:])
-    assert auc(pa, pb) == 1.0 and pa.mean() > 0.8 and pb.mean() < 0.2
-    with pytest.raises(ValueError, match="at least 2"): TwinScorer(embedder).fit(a[:1], b)
+@pytest.fixture(scope="module")
+def sample_docs():
+    return as_docs(sample_author_texts())
+
+
+def test_twin_metric_separates_the_sample_authors_both_ways(embedder, sample_docs):
+    "Each sample author as the twin, the other as the floor: held-out AUC >= 0.9 both ways, and the position is 1 at the ceiling, 0 at the floor."
+    memo = _MemoEmbedder(embedder)
+    for twin in ("Ilse Marchetti", "Marisol Vega"):
+        T = twin_metric_texts(sample_docs, twin, max_words=40, max_passages=100, seed=0)
+        assert set(T["other"]["test"]["authors"]) == {"Marisol Vega", "Ilse Marchetti"} - {twin}
+        assert not set(T["twin"]["train"]["docs"]) & set(T["twin"]["test"]["docs"])
+        s = TwinScorer(memo, clip_words=40).fit(T["twin"]["train"]["texts"], {"other authors": T["other"]["train"]["texts"]})
+        c, f = s.score(T["twin"]["test"]["texts"]), s.score(T["other"]["test"]["texts"])
+        assert auc(c, f) >= 0.9, (twin, auc(c, f))
+        assert twin_position(c, c, f, B=200)["value"] == pytest.approx(1.0) and twin_position(f, c, f, B=200)["value"] == pytest.approx(0.0)
+        half = twin_position(np.r_[c[:20], f[:20]], c, f, T["twin"]["test"]["docs"], T["other"]["test"]["docs"], B=500)
+        assert half["lo"] < half["value"] < half["hi"] and 0 < half["value"] < 1, half
+
+
+def test_twin_metric_does_not_rest_on_catch_phrases(sample_docs):
+    "Remove the demo author's signature phrases from every text: the learned metric ranks held-out passages almost the same."
+    strip = lambda ts: [re.sub(r"(?i)here['’]s the thing:?\s*|ship the boring version first\.?", "", t) for t in ts]
+    T = twin_metric_texts(sample_docs, "Ilse Marchetti", max_words=40, max_passages=150, seed=0)
+    assert sum(bool(re.search(r"(?i)here['’]s the thing|boring version", t)) for t in T["twin"]["train"]["texts"]) >= 3   # they are there
+    held = T["twin"]["test"]["texts"] + T["other"]["test"]["texts"]
+    with_p = TwinScorer(None).fit(T["twin"]["train"]["texts"], T["other"]["train"]["texts"]).score(held)
+    without = TwinScorer(None).fit(strip(T["twin"]["train"]["texts"]), T["other"]["train"]["texts"]).score(strip(held))
+    from scipy.stats import spearmanr
+    n = len(T["twin"]["test"]["texts"])
+    assert spearmanr(with_p, without).statistic > 0.95 and auc(without[:n], without[n:]) >= 0.85
+
+
+def test_twin_metric_features_are_learned_from_data():
+    "Two toy authors writing in invented words: no fixed English phrase or spelling list could separate them; the learned features do, both ways."
+    rng = random.Random(0)
+    def author(vocab, end, n):
+        return [" ".join(" ".join(rng.choice(vocab) for _ in range(rng.randint(4, 9))).capitalize() + end for _ in range(3)) for _ in range(n)]
+    va, vb = ["zorp", "blick", "wumble", "fesk"], ["quan", "dreel", "ostro", "mip"]
+    a, b = author(["tol", "ama"] + va, ".", 40), author(["tol", "ama"] + vb, ".", 40)
+    for (pos, neg, vocab) in ((a, b, va), (b, a, vb)):
+        s = TwinScorer(None, clip_words=40).fit(pos[:30], neg[:30])
+        assert auc(s.score(pos[30:]), s.score(neg[30:])) == 1.0
+        assert set(s.top_features(4)["words"]["author"]) <= set(vocab)
+    with pytest.raises(ValueError, match="at least 2"): TwinScorer(None).fit(a[:1], b)
+    # several kinds of negative text: each is a class of its own, P(author) still in [0, 1] and highest on the author
+    c = author(["tol", "ama", "grib", "yonk"], "!", 40)
+    s = TwinScorer(None, clip_words=40).fit(a[:30], {"b": b[:30], "c": c[:30]})
+    assert s.n_train == {"author": 30, "b": 30, "c": 30} and sorted(s.pipe.classes_) == ["author", "not:b", "not:c"]
+    pa, pb, pc = s.score(a[30:]), s.score(b[30:]), s.score(c[30:])
+    assert ((0 <= np.r_[pa, pb, pc]) & (np.r_[pa, pb, pc] <= 1)).all() and auc(pa, pb) == auc(pa, pc) == 1.0
+    assert s.top_features(3)["rhythm"]["exclamation"] < 0
+
+
+def test_no_hand_picked_author_markers_in_the_package():
+    "The eval module names no author, catch-phrase or spelling list: what is distinctive is learned (see the tests above)."
+    src = (ROOT/"llmtwin_nb"/"eval.py").read_text().lower()
+    for marker in ("here's the thing", "here’s the thing", "boring version", "space heater", "mood ring", "magic trick", "lab report",
+                   "ilse", "marchetti", "pondlet", "lasagne", "tidewater", "marisol", "fieldnotes", "stay curious"):
+        assert marker not in src, marker
+    import llmtwin_nb.eval as ev
+    assert not any(hasattr(ev, k) for k in ("PHRASES", "BRITISH", "AMERICAN", "synthetic_styles"))
+
+
+def test_twin_metric_needs_another_author():
+    docs = [dict(id=f"d{i}", author="A", kind="post", split="test" if i % 3 == 0 else "train", content="A sentence with six words here. " * 20) for i in range(6)]
+    with pytest.raises(ValueError, match="needs another author"): other_authors(docs, "A")
+    with pytest.raises(ValueError, match="no documents by the twin"): other_authors(docs, "B")
+    docs.append(dict(id="e0", author="B", kind="post", split="train", content="Another sentence with six words. " * 20))
+    assert other_authors(docs, "A") == ["B"]
+    with pytest.raises(ValueError, match="test-split passages by 'B'"): twin_metric_texts(docs, "A")
+    with pytest.raises(ValueError, match="ceiling"): twin_position([0.5, 0.6], [0.2, 0.3], [0.7, 0.8])
 
 
 def test_auc():

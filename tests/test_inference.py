@@ -7,8 +7,9 @@ import pytest, torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from llmtwin_nb.core import load_llm
 from llmtwin_nb.inference import (assert_same_tokens, acceptance_rate, bench_generate, bytes_per_token, cache_nbytes,
-                                  count_acceptance, gpu_spec_bandwidth, kv_cache_bytes, layer_skip_draft, measure_bandwidth,
-                                  model_bytes, padding_waste, quantize_int8_weight_only, roofline)
+                                  count_acceptance, gpu_spec_bandwidth, heldout_documents, heldout_texts, kv_cache_bytes,
+                                  layer_skip_draft, measure_bandwidth, model_bytes, padding_waste, paragraphs, perplexity,
+                                  quantize_int8_weight_only, roofline)
 
 NEW = 4
 
@@ -91,3 +92,38 @@ def test_padding_roofline_and_gpu_table():
     assert r["achieved_gbs"] == 10 and r["roofline_fraction"] == 0.5 and r["roofline_tokens_per_s"] == 20
     with pytest.raises(ValueError, match="bandwidth"): roofline(1, 1, 1, 0)
     assert gpu_spec_bandwidth("NVIDIA H100 80GB HBM3") == 3350 and gpu_spec_bandwidth("NVIDIA H200") == 4800
+
+
+def _warehouse(tmp_path):
+    "A warehouse of two authors, each with train and test documents (one of them code), written the way chapter 01 writes it."
+    from llmtwin_nb.data import Document, merge_snapshot, write_warehouse
+    para = lambda who, i: (f"{who} wrote paragraph {i} about shipping software carefully, measuring what matters, and writing it "
+                           "down so that the next person does not have to guess what happened or why it mattered to anyone.")
+    spec = [("Ann Author", "test", "article", 6), ("Ann Author", "test", "post", 2), ("Ann Author", "test", "repository", 9),
+            ("Ann Author", "train", "article", 7), ("Bo Other", "test", "article", 8), ("Bo Other", "train", "post", 3)]
+    docs = [Document(id=f"{i:016x}", author=a, author_id=a.lower().replace(" ", "-"), platform="github" if k == "repository" else "local",
+                     kind=k, title=f"{a} {k} {i}", content="\n\n".join(para(a, j) for j in range(n)), content_hash=str(i), split=sp)
+            for i, (a, sp, k, n) in enumerate(spec, 1)]
+    write_warehouse(merge_snapshot({}, docs, "2026-01-01T00:00:00Z")[0], tmp_path/"warehouse")
+    return tmp_path/"warehouse"
+
+def test_heldout_text_is_the_twins_test_split_only(tmp_path):
+    wh = _warehouse(tmp_path)
+    docs = heldout_documents("Ann Author", wh)
+    assert [(d.author, d.split) for d in docs] == [("Ann Author", "test")] * 3
+    assert [d.kind for d in docs] == ["article", "post", "repository"]          # prose before code, then longest first
+    texts = heldout_texts("Ann Author", 2, wh)
+    assert list(texts) == ["Ann Author article 1", "Ann Author post 2"] and "Bo Other" not in " ".join(texts.values())
+    assert all(p.startswith("Ann Author wrote") for d in docs for p in paragraphs(d.content))
+    assert len(paragraphs(docs[0].content)) == 6 and paragraphs("too short\n\n" + "x " * 100, 50) == [("x " * 100).strip()]
+    with pytest.raises(ValueError, match="data.author") as e: heldout_documents("Nobody", wh)
+    assert "Ann Author" in str(e.value) and "Bo Other" in str(e.value)          # names the authors it does hold
+    with pytest.raises(FileNotFoundError, match="dvc repro data"): heldout_documents("Ann Author", tmp_path/"missing")
+    with pytest.raises(ValueError, match="n_docs"): heldout_texts("Ann Author", 0, wh)
+
+def test_perplexity_of_heldout_text_is_finite_and_int8_close(lm, tmp_path):
+    model, tok = lm
+    text = next(iter(heldout_texts("Ann Author", 1, _warehouse(tmp_path)).values()))[:600]
+    p32 = perplexity(model, tok, [text], 128)
+    assert 1 < p32 < 200 and abs(perplexity(quantize_int8_weight_only(model), tok, [text], 128) - p32) < 0.1 * p32
+    with pytest.raises(ValueError, match="fewer than 2 tokens"): perplexity(model, tok, [""], 128)

@@ -9,8 +9,8 @@ from types import SimpleNamespace
 
 import pytest, yaml
 
-from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, append_feedback_sft, build_feedback_data, drift_check, feedback_to_data, run_simulation,
-                              sim_requests)
+from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, OFF_TOPIC_QUESTIONS, append_feedback_sft, build_feedback_data, drift_check,
+                              feedback_to_data, run_simulation, sim_requests, topic_questions, training_reference)
 from llmtwin_nb.serve import ABRouter, FeedbackLog, PromptRegistry, assign_variant, parse_weights, read_traces
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -112,8 +112,12 @@ def test_feedback_becomes_pairs_masked_and_deduplicated():
     assert rep["pairs_dropped_duplicate"] == 1 and rep["dropped_failed_request"] == 1
     assert "@example.com" not in json.dumps(pairs + sft)
     ev = {"qa": [{"id": "e1", "text": "How do you keep a vector index cheap? Parquet files and exact search on a laptop were enough."}]}
-    pairs2, _, rep2 = feedback_to_data(fb, traces, evalsets=ev, decontam_ngram=8)
+    pairs2, _, rep2 = feedback_to_data(fb, traces, evalsets=ev, decontam_ngram=8, author="Marisol Vega")
     assert pairs2 == [] and rep2["pairs_dropped_contaminated"] == 1          # shares an 8-gram with the evaluation item
+    _, sft3, _ = feedback_to_data(fb, traces, author="Marisol Vega")          # the name is data.author's, whoever the twin is
+    assert {r["prompt"][0]["content"] for r in sft3} == {"You are Marisol Vega. Write in your own voice."}
+    with pytest.raises(TypeError): feedback_to_data(fb, traces)                                  # no guessing a name
+    with pytest.raises(ValueError, match="data.author"): feedback_to_data(fb, traces, author="")
 
 
 def test_drift_is_higher_for_off_topic_questions():
@@ -174,11 +178,12 @@ def test_the_loop_served_traffic_becomes_training_rows(tmp_path):
     assert all(f["variant"] in ("a", "b") and f["template_id"] for f in fb.records)
     # the feedback stage's function
     cfg = section_params("mlops", logs_dir=str(logs), out_dir=str(tmp_path/"feedback"))
-    rep = build_feedback_data(logs, tmp_path/"feedback", cfg, docs=docs, evalsets={})
+    rep = build_feedback_data(logs, tmp_path/"feedback", cfg, author="Ilse Marchetti", docs=docs, evalsets={})
     pairs_file, sft_file = tmp_path/"feedback"/"preference.jsonl", tmp_path/"feedback"/"sft.jsonl"
     assert rep["feedback_records"] == len(fb.records) and rep["new_pairs"] > 0 and rep["new_sft_rows"] > 0
     assert len(pairs_file.read_text().splitlines()) == rep["new_pairs"] and len(sft_file.read_text().splitlines()) == rep["new_sft_rows"]
-    assert "@example.com" not in pairs_file.read_text() + sft_file.read_text()
+    assert "@example.com" not in pairs_file.read_text() + sft_file.read_text() and rep["author"] == "Ilse Marchetti"
+    assert {p["prompt"][0]["content"] for p in map(json.loads, pairs_file.read_text().splitlines())} == {"You are Ilse Marchetti. Write in your own voice."}
     # DPO: the chapter's loader appends exactly the new pairs to the training pairs
     fb_pairs = load_feedback_pairs(pairs_file)
     base_pairs = [dict(prompt=[{"role": "user", "content": f"Q{i}?"}], chosen=[{"role": "assistant", "content": "The author's answer."}],
@@ -209,7 +214,11 @@ def test_dvc_reruns_the_feedback_stage_and_only_the_training_stage_whose_rows_ch
     stage = real["feedback"]
     dvc = str(Path(sys.executable).with_name("dvc"))
     (tmp_path/"logs").mkdir(); shutil.copy(ROOT/"logs"/"README.md", tmp_path/"logs"/"README.md")
-    params = {"mlops": {k: v for k, v in yaml.safe_load((ROOT/"params.yaml").read_text())["mlops"].items() if f"mlops.{k}" in stage["params"]}}
+    real_params, params = yaml.safe_load((ROOT/"params.yaml").read_text()), {}
+    for p in stage["params"]:                                      # what the stage tracks (sections or section.key), as in params.yaml
+        sec, _, key = p.partition(".")
+        if key: params.setdefault(sec, {})[key] = real_params[sec][key]
+        else: params[sec] = real_params[sec]
     (tmp_path/"params.yaml").write_text(yaml.safe_dump(params))
     count = "python -c \"import sys; print(sum(1 for _ in open(sys.argv[1])))\" {} > {}"
     stages = {"feedback": dict(cmd=stage["cmd"], deps=[d for d in stage["deps"] if d.startswith("${")], params=stage["params"], outs=stage["outs"]),
@@ -249,8 +258,11 @@ def test_pipeline_wiring_of_the_loop():
     assert "${mlops.logs_dir}" in fb["deps"] and (ROOT/logs_dir/"README.md").exists()
     assert subprocess.run(["git", "ls-files", "--error-unmatch", f"{logs_dir}/README.md"], cwd=ROOT, capture_output=True).returncode == 0, \
         "the logs folder must be in git (with its README) so a fresh clone has the feedback stage's dependency"
-    assert set(fb["params"]) == set(FEEDBACK_STAGE_PARAMS) and fb["outs"] == ["artifacts/feedback/sft.jsonl", "artifacts/feedback/preference.jsonl"]
-    assert "artifacts/feedback/preference.jsonl" in real["dpo"]["deps"] and "dpo.feedback_pairs" in real["dpo"]["params"]
+    tracked = set(fb["params"])                                    # whole sections or section.key
+    assert all(p in tracked or p.split(".")[0] in tracked for p in FEEDBACK_STAGE_PARAMS), (sorted(tracked), FEEDBACK_STAGE_PARAMS)
+    assert "data.author" in FEEDBACK_STAGE_PARAMS                  # the twin's name in the rows' system prompt
+    assert fb["outs"] == ["artifacts/feedback/sft.jsonl", "artifacts/feedback/preference.jsonl"]
+    assert "artifacts/feedback/preference.jsonl" in real["dpo"]["deps"] and {"dpo", "dpo.feedback_pairs"} & set(real["dpo"]["params"])
     outs = {next(iter(o)) if isinstance(o, dict) else o for st in real.values() for o in st.get("outs", [])}
     assert not any(o == logs_dir or o.startswith(logs_dir.rstrip("/") + "/") for o in outs), "no stage may write into the collected logs"
     assert not Path(params["serve"]["trace_path"]).is_relative_to(logs_dir), "the serve stage's own load test must not log into logs_dir"
@@ -262,3 +274,24 @@ def test_sft_stage_reads_the_feedback_rows():
     "The sft stage must depend on the feedback stage's SFT rows (the lead wires nbs/03_sft.ipynb to append_feedback_sft)."
     sft = yaml.safe_load((ROOT/"dvc.yaml").read_text())["stages"]["sft"]
     assert "artifacts/feedback/sft.jsonl" in sft["deps"], "add artifacts/feedback/sft.jsonl to the sft stage's deps"
+
+
+def test_simulation_and_drift_questions_come_from_the_twins_own_material():
+    "Any author: on-topic questions from the twin's documents and evaluation questions about them, never another author's."
+    mine = [SimpleNamespace(id=f"{i:016x}", title=t, kind=k, platform="medium", content=c, split=sp, author="Marisol Vega")
+            for i, ((t, k, c), sp) in enumerate(zip(DOC_TEXTS, ("train", "test")))]
+    ev = {"retrieval": [dict(id="q1", text="x", question="What did the hosted store cost?", doc_ids=[mine[0].id], source="gold"),
+                        dict(id="q2", text="y", question="Another author's question?", doc_ids=["ffffffffffffffff"], source="gold"),
+                        dict(id="q3", text="z", question="What is said about hosted and store?", doc_ids=[mine[0].id], source="generated")]}
+    qs = topic_questions(mine, ev, 6, seed=0)
+    held = [q for q in qs if q.startswith("What have you written about ")]
+    assert len(qs) == 6 and set(qs) - set(held) == {"What did the hosted store cost?"} and held
+    assert all(w in mine[1].content for q in held for w in q[28:-1].replace(" and ", ", ").split(", "))   # the held-out doc's key words
+    assert not set(qs) & set(training_reference(mine))               # not the reference itself: the drift check has something to measure
+    with pytest.raises(ValueError, match="dvc repro"): topic_questions([], ev)
+    reqs = sim_requests(mine, ev, 60, eval_fraction=0.5, offtopic_fraction=0.5, recent=20, seed=2)
+    kinds = {r["kind"] for r in reqs}
+    assert kinds == {"on", "eval", "off"}
+    assert {r["question"] for r in reqs if r["kind"] == "eval"} == {"What did the hosted store cost?", "What is said about hosted and store?"}   # not q2
+    assert {r["question"] for r in reqs if r["kind"] == "off"} <= set(OFF_TOPIC_QUESTIONS)
+    assert all(r["ideal"] in mine[0].content for r in reqs if r["kind"] == "on")     # from the twin's train document

@@ -1,6 +1,7 @@
-"""The DVC pipeline's integrity: every papermill stage passes exactly the params it declares, each into a
-variable of the notebook's `parameters` cell whose default equals params.yaml, and DVC accepts the graph."""
-import ast, json, os, re, subprocess, sys
+"""The DVC pipeline's integrity: each papermill stage runs its chapter notebook with no per-key flags, the notebook
+reads its own sections of params.yaml, the stage tracks those sections and depends on exactly the package modules the
+notebook imports (so code deps cannot drift), schema defaults equal params.yaml, and DVC accepts the graph."""
+import ast, importlib, json, os, re, subprocess, sys
 from pathlib import Path
 
 import pytest, yaml
@@ -8,43 +9,91 @@ import pytest, yaml
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT/"dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT/"params.yaml").read_text())
-PAPERMILL = {name: st for name, st in DVC["stages"].items() if "papermill" in st["cmd"]}
+NOTEBOOK_OF = {"core": "nbs/00_core.ipynb", "data": "nbs/01_data.ipynb", "rag": "nbs/02_rag.ipynb", "sft": "nbs/03_sft.ipynb",
+               "dpo": "nbs/04_dpo.ipynb", "eval": "nbs/05_eval.ipynb", "inference": "nbs/06_inference.ipynb",
+               "serve": "nbs/07_serving.ipynb", "mlops": "nbs/08_mlops.ipynb"}
+MODULE_OF = {"feedback": "mlops"}   # stages that run a module's CLI instead of a notebook
+CHAPTER_ORDER = ["core", "data", "rag", "sft", "dpo", "eval", "inference", "serve", "mlops", "feedback"]
 
-def get_param(key):
-    d = PARAMS
-    for part in key.split("."): d = d[part]
-    return d
+def notebook_code(nb: str) -> str:
+    cells = json.loads((ROOT/nb).read_text())["cells"]
+    src = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+    return "\n".join(l for l in src.splitlines() if not l.lstrip().startswith(("%", "!")))
 
-def parameters_cell(nb_path: Path) -> dict:
-    nb = json.loads(nb_path.read_text())
-    cells = [c for c in nb["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
-    assert len(cells) == 1, f"{nb_path.name}: needs exactly one cell tagged `parameters` (nbdev_clean must keep tags)"
+def imported_modules(code: str) -> set[str]:
+    "llmtwin_nb modules that `code` imports (any import form)."
+    out = set()
+    for node in ast.walk(ast.parse(code)):
+        if isinstance(node, ast.ImportFrom) and node.level:                  # `from .serve import x` inside the package
+            mod = "llmtwin_nb" + (f".{node.module}" if node.module else "")
+            out |= {f"{mod}.{a.name}" for a in node.names} if not node.module else {mod}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("llmtwin_nb"):
+            out |= {f"{node.module}.{a.name}" for a in node.names} if node.module == "llmtwin_nb" else {node.module}
+        elif isinstance(node, ast.Import): out |= {a.name for a in node.names if a.name.startswith("llmtwin_nb.")}
+    return {m.split(".")[1] for m in out if m.count(".") >= 1 and (ROOT/"llmtwin_nb"/f"{m.split('.')[1]}.py").exists()}
+
+def module_closure(mods: set[str]) -> set[str]:
+    seen, todo = set(), list(mods)
+    while todo:
+        m = todo.pop()
+        if m in seen: continue
+        seen.add(m); todo += imported_modules((ROOT/"llmtwin_nb"/f"{m}.py").read_text())
+    return seen
+
+def code_deps(stage: str) -> list[str]:
+    "The package files a stage's code reads: its notebook's (or module's) imports, transitively."
+    mods = imported_modules(notebook_code(NOTEBOOK_OF[stage])) if stage in NOTEBOOK_OF else {MODULE_OF[stage]}
+    return [f"llmtwin_nb/{m}.py" for m in sorted(module_closure(mods))]
+
+def parameters_cell(nb: str) -> dict:
+    cells = [c for c in json.loads((ROOT/nb).read_text())["cells"] if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(cells) == 1, f"{nb}: needs exactly one cell tagged `parameters` (nbdev_clean must keep tags)"
     tree = ast.parse("".join(cells[0]["source"]))
     return {t.id: ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign) for t in n.targets}
 
-def passed_params(cmd: str) -> dict:
-    return dict(re.findall(r"-p\s+(\w+)\s+'?\$\{([\w.]+)\}'?", cmd))
+def test_stages_in_chapter_order():
+    assert list(DVC["stages"]) == CHAPTER_ORDER
 
-@pytest.mark.parametrize("stage", sorted(PAPERMILL))
-def test_stage_params_match_notebook_and_params_yaml(stage):
-    st = PAPERMILL[stage]
-    nb = re.search(r"papermill\s+(?:--\S+\s+\S+\s+)*(nbs/\S+\.ipynb)", st["cmd"]).group(1)
-    assert nb in st["deps"], f"stage {stage}: its notebook {nb} must be a dependency"
-    passed = passed_params(st["cmd"])
-    declared = {p if isinstance(p, str) else next(iter(p)) for p in st.get("params", [])}
-    assert set(passed.values()) == declared, f"stage {stage}: passes {sorted(passed.values())} but declares {sorted(declared)}"
-    for var, key in passed.items():
-        assert var == key.replace(".", "_"), f"stage {stage}: `-p {var} ${{{key}}}` must be named {key.replace('.', '_')}"
-    cell = parameters_cell(ROOT/nb)
-    assert set(cell) == set(passed), f"{nb}: parameters cell has {sorted(cell)}, stage passes {sorted(passed)}"
-    for var, key in passed.items():
-        assert cell[var] == get_param(key), f"{nb}: default {var} = {cell[var]!r} differs from params.yaml {key} = {get_param(key)!r}"
+@pytest.mark.parametrize("stage", CHAPTER_ORDER)
+def test_stage_runs_its_notebook_without_per_key_flags(stage):
+    st = DVC["stages"][stage]
+    papermill_args = st["cmd"].split("papermill", 1)[-1] if "papermill" in st["cmd"] else ""
+    assert not re.search(r"\s(-p|--parameters)\s", papermill_args), f"stage {stage}: notebooks read params.yaml themselves; drop the -p flags"
+    if stage in NOTEBOOK_OF:
+        nb = NOTEBOOK_OF[stage]
+        assert f"papermill --cwd nbs {nb} results/nb/{Path(nb).name}" in st["cmd"] and nb in st["deps"]
+        assert parameters_cell(nb) == {"params_file": "params.yaml"}, f"{nb}: the parameters cell holds only params_file"
 
-def test_every_chapter_notebook_with_parameters_has_a_stage():
-    staged = {re.search(r"(nbs/\S+\.ipynb)", st["cmd"]).group(1) for st in PAPERMILL.values()}
-    for nb in sorted((ROOT/"nbs").glob("[0-9]*.ipynb")):
-        src = nb.read_text()
-        if '"parameters"' in src: assert f"nbs/{nb.name}" in staged, f"{nb.name} has a parameters cell but no DVC stage"
+@pytest.mark.parametrize("stage", CHAPTER_ORDER)
+def test_code_deps_are_the_import_closure(stage):
+    listed = sorted(d for d in DVC["stages"][stage]["deps"] if d.startswith("llmtwin_nb/"))
+    assert listed == code_deps(stage), f"stage {stage}: list exactly these package deps in dvc.yaml: {code_deps(stage)}"
+
+@pytest.mark.parametrize("stage", [s for s in CHAPTER_ORDER if s in NOTEBOOK_OF])
+def test_stage_tracks_the_sections_its_notebook_reads(stage):
+    tracked = DVC["stages"][stage]["params"]
+    read = set(re.findall(r"""params\[["'](\w+)["']\]""", notebook_code(NOTEBOOK_OF[stage])))
+    read_keys = set(re.findall(r"""params\[["'](\w+)["']\]\[["'](\w+)["']\]""", notebook_code(NOTEBOOK_OF[stage])))
+    for sec in read:
+        keys = {k for s, k in read_keys if s == sec}
+        whole = sec in tracked
+        assert whole or (keys and all(f"{sec}.{k}" in tracked for k in keys)), \
+            f"stage {stage}: its notebook reads params[{sec!r}] but dvc.yaml tracks only {tracked}"
+    for p in tracked:
+        sec = p.split(".")[0]
+        assert sec in PARAMS and (p == sec or p.split(".", 1)[1] in PARAMS[sec]), f"stage {stage}: tracks {p}, not in params.yaml"
+
+def test_schema_defaults_equal_params_yaml():
+    from llmtwin_nb.core import PARAM_SECTIONS, section_params
+    for m in ("data", "rag", "sft", "dpo", "eval", "inference", "serve", "mlops"): importlib.import_module(f"llmtwin_nb.{m}")
+    drift = []
+    for sec, raw in PARAMS.items():
+        cls = PARAM_SECTIONS[sec]; validated = section_params(sec, raw).model_dump()
+        for k, f in cls.model_fields.items():
+            if f.is_required(): assert k in raw, f"params.yaml: `{sec}.{k}` has no default and must be set"; continue
+            dflt = section_params(sec, {**raw, k: f.get_default(call_default_factory=True)}).model_dump()[k]
+            if dflt != validated[k]: drift.append(f"{sec}.{k}: schema default {dflt!r} != params.yaml {validated[k]!r}")
+    assert not drift, "schema defaults drifted from params.yaml:\n  " + "\n  ".join(drift)
 
 def test_metrics_are_not_cached_and_outputs_avoid_data():
     for name, st in DVC["stages"].items():

@@ -241,3 +241,38 @@ def test_query_embedding_equals_encode(tmp_path, cfg, emb):
         r = rag.Retriever(client, "t", emb, None, None, cfg)
         texts = ["How much did Tidewater pay?", "pondlet float16 conversion cache, and a much longer second question here"]
         assert np.abs(r.embed(texts) - emb.encode(texts, normalize_embeddings=True)).max() < 1e-5
+
+
+def test_index_holds_only_the_twins_documents(tmp_path, docs, emb):
+    "Given a warehouse of two authors, build_index indexes the twin's documents only; switching the twin swaps the index."
+    other = [dict(_doc(10 + i, p, "article"), author="Marisol Vega", author_id="marisol-vega") for i, p in enumerate(("medium", "local"))]
+    cfg = rag.RagParams(qdrant_path="q", embed_cache="emb", post_tokens=48, article_tokens=48, repository_tokens=48, overlap_tokens=8, candidates=5)
+    quiet = lambda *a: None
+    rep = rag.build_index(other + docs, cfg, emb, root=tmp_path, log=quiet, author="Ilse Marchetti")
+    with rag.open_qdrant(tmp_path / "q", create=False) as client:
+        ids = rag.indexed_ids(client, cfg.collection)
+        assert set(ids.values()) == {d["id"] for d in docs} and rep.chunks == len(ids)
+        pts = client.scroll(cfg.collection, limit=1000, with_payload=["author"])[0]
+        assert {p.payload["author"] for p in pts} == {"Ilse Marchetti"}
+        r = rag.Retriever(client, cfg.collection, emb, None, None, cfg)
+        assert r.known["author"] == ["Ilse Marchetti"] and "local" not in r.known["platform"]
+        with pytest.raises(rag.UnknownFilterError, match="unknown author 'Marisol Vega'"):
+            r.retrieve("float16 conversion", filters={"author": "Marisol Vega"})
+    rep2 = rag.build_index(other + docs, cfg, emb, root=tmp_path, log=quiet, author="Marisol Vega")
+    assert rep2.deleted == len(ids) and rep2.docs_touched == len(docs) + len(other)
+    with rag.open_qdrant(tmp_path / "q", create=False) as client:
+        assert set(rag.indexed_ids(client, cfg.collection).values()) == {d["id"] for d in other}
+    with pytest.raises(ValueError, match="set data.author"):
+        rag.build_index(docs, cfg, emb, root=tmp_path, log=quiet, author="Nobody Atall")
+
+
+def test_source_phrases_are_recognised_and_name_no_author():
+    "Every phrase a generated question may start with is one self-query filters on, and none is tied to one corpus."
+    for platform, phrase in rag.SOURCE_PHRASE.items():
+        assert rag.rule_filters(f"{phrase}, what is said about the cat and the router?") == {"platform": platform}
+    assert rag.rule_filters("What do the benchmarks in the project docs say about p95?") == {"platform": "github"}
+    assert rag.rule_filters("What did she write in her notes about label parties?") == {"platform": "local"}
+    assert rag.rule_filters("What did Marisol say on LinkedIn?", ["Marisol Vega"]) == {"platform": "linkedin", "author": "Marisol Vega"}
+    import inspect
+    src = inspect.getsource(rag).lower()
+    assert not any(w in src for w in ("pondlet", "ilse", "marchetti", "tidewater", "lasagne"))

@@ -2,14 +2,14 @@
 bad inputs, limits, auth, an injected generation failure, queue overflow, tracing, feedback, two model versions
 side by side (the in-app A/B split), and the console entry point. The retriever is chapter 02's real Qdrant code
 over a tiny index built in a temporary folder."""
-import asyncio, json, os, socket, subprocess, sys, time
+import asyncio, http.client, json, os, socket, subprocess, sys, time
 from pathlib import Path
 
 import httpx, openai, pytest
 
 from llmtwin_nb.core import ChatResult, ParamsError, load_embedder, load_llm, section_params
 from llmtwin_nb.serve import (BatchEngine, FeedbackLog, PromptRegistry, ServerThread, StreamMasker, Tracer, assign_variant, cited_numbers,
-                              create_app, find_injection, load_retriever, load_test)
+                              create_app, find_injection, invalid_text, load_retriever, load_test, reader_questions)
 
 ROOT = Path(__file__).resolve().parents[1]
 RAG_TEMPLATE_ID = PromptRegistry(ROOT/"prompts").get("rag_answer").template_id
@@ -242,8 +242,8 @@ def _free_port():
 
 def test_python_m_entry_point(tmp_path):
     params = tmp_path/"params.yaml"
-    params.write_text(f"core:\n  device: cpu\nserve:\n  index_path: {tmp_path/'no-index'}\n  trace_path: {tmp_path/'t.jsonl'}\n"
-                      f"  prompts_dir: {ROOT/'prompts'}\n  max_new_tokens: 16\n  default_max_tokens: 4\n")
+    params.write_text(f"core:\n  device: cpu\ndata:\n  author: Ada Example\nserve:\n  index_path: {tmp_path/'no-index'}\n"
+                      f"  trace_path: {tmp_path/'t.jsonl'}\n  prompts_dir: {ROOT/'prompts'}\n  max_new_tokens: 16\n  default_max_tokens: 4\n")
     port = _free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}; env.pop(KEY_ENV, None)
     p = subprocess.Popen([sys.executable, "-m", "llmtwin_nb.serve", "--params", str(params), "--port", str(port)],
@@ -254,13 +254,15 @@ def test_python_m_entry_point(tmp_path):
             try: h = httpx.get(url + "/health", timeout=2).json(); break
             except httpx.HTTPError: time.sleep(0.5)
         assert h is not None, p.stdout.read() if p.poll() is not None else "server did not come up"
-        assert h["retrieval"] is False and "dvc repro rag" in h["index_error"]
+        assert h["retrieval"] is False and "dvc repro rag" in h["index_error"] and h["author"] == "Ada Example"
         r = post(url, {"question": "anything"}, "/rag")
         assert r.status_code == 503 and "dvc repro rag" in r.json()["error"]["message"]
         assert post(url, hi()).status_code == 200
     finally:
         p.terminate(); p.wait(30)
     assert p.returncode in (0, -15)
+    rec = Tracer(tmp_path/"t.jsonl").read()[-1]                        # the system prompt names data.author, not a literal
+    assert "You are Ada Example. Write in your own voice." in rec["prompt"] and rec["template_id"].startswith("twin_chat@v1#")
 
 
 def test_feedback_on_the_real_app(served, monkeypatch):
@@ -360,3 +362,109 @@ def test_variant_params_are_checked(tmp_path):
         create_app(section_params("serve", prompts_dir=str(tmp_path/"none")))
     with pytest.raises(KeyError, match="no prompt template `nope`"):
         create_app(section_params("serve", prompts_dir=str(ROOT/"prompts"), rag_template="nope"))
+
+
+LONE_SURROGATE = b'{"messages":[{"role":"user","content":"\\ud800"}]}'      # valid JSON whose text is not valid Unicode
+
+
+def _raw(conn, path, body):
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+    r = conn.getresponse()
+    return r, json.loads(r.read())
+
+
+def test_a_lone_surrogate_is_a_400_on_every_text_endpoint_and_the_connection_stays(served):
+    "Raw JSON bytes with a lone UTF-16 surrogate, over real HTTP on loopback: a 400 naming the field on every endpoint, never a 500."
+    assert LONE_SURROGATE.count(b"\\ud800") == 1 and "\ud800" in json.loads(LONE_SURROGATE)["messages"][0]["content"]
+    host, port = served["url"].removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    n_traces, n_feedback, failed = len(served["tracer"].read()), len(served["state"].feedback.records()), served["state"].engine.stats["failed_batches"]
+    tid = post(served["url"], hi()).headers["x-trace-id"]; n_traces += 1
+    sur = b'"\\ud800"'
+    cases = [("/v1/chat/completions", LONE_SURROGATE, "`messages.0.content`"),
+             ("/v1/chat/completions", b'{"model": "llmtwin", "messages": [{"role": "user", "content": %s}]}' % sur, "`messages.0.content`"),
+             ("/v1/chat/completions", b'{"model": "llmtwin", "stream": true, "messages": [{"role": "user", "content": %s}]}' % sur, "`messages.0.content`"),
+             ("/v1/chat/completions", b'{"model": "llmtwin-rag", "stream": true, "messages": [{"role": "user", "content": "ok"}, '
+                                      b'{"role": "user", "content": [{"type": "text", "text": "a\\udfffb"}]}]}', "`messages.1.content.0.text`"),
+             ("/v1/chat/completions", b'{"model": "llmtwin", "user": %s, "messages": [{"role": "user", "content": "hi"}]}' % sur, "`user`"),
+             ("/v1/chat/completions", b'{"model": "llmtwin", %s: 1, "messages": [{"role": "user", "content": "hi"}]}' % sur, "a key in `body`"),
+             ("/rag", b'{"question": %s}' % sur, "`question`"),
+             ("/rag", b'{"question": "Why measure p95?", "user": %s}' % sur, "`user`"),
+             ("/feedback", b'{"trace_id": "%s", "rating": 1, "corrected_text": %s}' % (tid.encode(), sur), "`corrected_text`"),
+             ("/feedback", b'{"trace_id": "%s", "rating": 1, "comment": "x\\ud800y"}' % tid.encode(), "`comment`")]
+    sock = None
+    for path, body, where in cases:
+        r, err = _raw(conn, path, body)
+        assert r.status == 400, (path, body, r.status, err)
+        e = err["error"]
+        assert e["code"] == "invalid_text" and e["type"] == "invalid_request_error" and e["message"].startswith(where), e
+        assert "surrogate" in e["message"] and "U+D" in e["message"]
+        assert not r.will_close and conn.sock is not None                  # the connection is kept open ...
+        assert sock is None or conn.sock is sock; sock = conn.sock          # ... and reused for the next request
+    r, ok = _raw(conn, "/v1/chat/completions", json.dumps(hi(messages=[{"role": "user", "content": "Say hi \U0001F600."}])).encode())
+    assert r.status == 200 and ok["choices"][0]["message"]["content"] is not None and conn.sock is sock
+    r, ok = _raw(conn, "/v1/chat/completions", b'{"model": "llmtwin", "max_tokens": 2, "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
+    assert r.status == 200                                                  # a surrogate *pair* is a valid character
+    conn.close()
+    assert len(served["tracer"].read()) == n_traces + 2 and len(served["state"].feedback.records()) == n_feedback
+    assert served["state"].engine.stats["failed_batches"] == failed       # nothing reached the model
+    assert invalid_text({"a": ["ok", {"b": "x\udc00"}]}) == ("`a.1.b`", 1, "U+DC00") and invalid_text({"a": ["ok"]}) is None
+
+
+def test_the_twin_speaks_as_data_author(served, tmp_path):
+    "create_app(author=...): a chat without a system message gets the twin's training-time system prompt with that name."
+    from llmtwin_nb.sft import SYSTEM_PROMPT
+    cfg = served["cfg"].model_copy(update=dict(trace_path=str(tmp_path/"traces.jsonl")))
+    app = create_app(cfg, retriever=served["retriever"], model=served["model"], tokenizer=served["tok"], author="Ada Example")
+    chat_id = PromptRegistry(ROOT/"prompts").get("twin_chat").template_id
+    with ServerThread(app) as url:
+        assert httpx.get(url + "/health").json()["author"] == "Ada Example"
+        a = post(url, hi(messages=[{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"}, {"role": "user", "content": "Who are you?"}]))
+        b = post(url, hi(messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Who are you?"}]))
+        c = post(url, {"question": "Why measure p95?", "max_tokens": 2}, "/rag")
+        assert a.status_code == b.status_code == c.status_code == 200
+    by_id = {t["trace_id"]: t for t in Tracer(tmp_path/"traces.jsonl").read()}
+    ta, tb, tc = by_id[a.headers["x-trace-id"]], by_id[b.headers["x-trace-id"]], by_id[c.headers["x-trace-id"]]
+    system = SYSTEM_PROMPT.format(author="Ada Example")
+    assert ta["template_id"] == chat_id and system in ta["prompt"] and ta["prompt"].index(system) < ta["prompt"].index("Hello") < ta["prompt"].index("Who are you?")
+    assert tb["template_id"] == "chat" and "Be brief." in tb["prompt"] and system not in tb["prompt"]     # the client's own system prompt wins
+    assert tc["template_id"] == RAG_TEMPLATE_ID
+    with pytest.raises(ValueError, match="data.author"): create_app(cfg, author=" ")
+    with pytest.raises(KeyError, match="no prompt template `nope`"):
+        create_app(cfg.model_copy(update=dict(chat_template="nope")), author="Ada Example")
+
+
+def test_the_retriever_searches_the_twins_chunks_only(tmp_path):
+    "An index holding two authors: the service's retriever for one never returns the other's chunks; an absent author is refused."
+    from llmtwin_nb import rag
+    emb = load_embedder("packaged:minilm", "cpu")
+    docs = _docs() + [dict(_docs()[0], id=f"{9:016x}", author="Bo Other", author_id="bo-other", title="Bo on vector stores",
+                           content_hash="9", content="Our hosted vector store cost 1,140 euros a month for 410,000 vectors, and we kept it.")]
+    rcfg = rag.RagParams(qdrant_path=str(tmp_path/"qdrant"), embed_cache=str(tmp_path/"embcache"), reranker="none")
+    rag.build_index(docs, rcfg, emb, root=tmp_path, log=lambda *a: None)
+    q = "What did the hosted vector store cost a month for 410,000 vectors?"
+    r = load_retriever(tmp_path/"qdrant", "packaged:minilm", "chunks", "none", "cpu")
+    try: assert "Bo Other" in {h.author for h in r.retrieve(q, 5)} and r.filters is None
+    finally: r.close()
+    r = load_retriever(tmp_path/"qdrant", "packaged:minilm", "chunks", "none", "cpu", author="Ilse Marchetti")
+    try:
+        hits = r.retrieve(q, 5)
+        assert hits and {h.author for h in hits} == {"Ilse Marchetti"} and r.filters == {"author": "Ilse Marchetti"}
+        assert sorted(r.authors) == ["Bo Other", "Ilse Marchetti"]
+    finally: r.close()
+    with pytest.raises(ValueError, match="dvc repro rag") as e:
+        load_retriever(tmp_path/"qdrant", "packaged:minilm", "chunks", "none", "cpu", author="Nobody")
+    assert "Bo Other" in str(e.value)
+
+
+def test_reader_questions_come_from_the_documents():
+    from types import SimpleNamespace
+    docs = [SimpleNamespace(id=f"{i:016x}", kind=k, title=t, content=c) for i, (t, _, k, c) in enumerate(DOCS)]
+    qs = reader_questions(docs, 3, seed=1)
+    assert len(qs) == 3 and len({q["doc_id"] for q in qs}) == 3 and all(q["question"].startswith("What have you written about") for q in qs)
+    assert qs == reader_questions(docs, 3, seed=1) and reader_questions(docs, 10) and len(reader_questions(docs, 10)) == len(docs)
+    for q in qs:                                                           # the key words are the document's own
+        d = next(d for d in docs if d.id == q["doc_id"])
+        words = q["question"].removeprefix("What have you written about ").rstrip("?").replace(" and ", ", ").split(", ")
+        assert all(w in d.content for w in words), (q, d.content)
+    with pytest.raises(ValueError, match="dvc repro data"): reader_questions([])

@@ -105,3 +105,24 @@ def test_split_extracts_are_paragraph_aligned():
     ex = split_extracts(text, 100, 400)
     assert all(e.startswith("Paragraph") and len(e) <= 400 for e in ex)
     assert "\n\n".join(ex) == text
+
+def test_builder_keeps_only_the_twins_documents(base):
+    "A warehouse of two authors: the twin's documents become rows, the other author's are counted and never used."
+    _, tok = base
+    para = lambda i, j: (f"We measured the latency of service {i} for a week, part {j}: the p95 was {100 + i * 10 + j} ms while the "
+                         f"mean looked fine, so we fixed the slow path in module {i}{j} before anything else.")
+    theirs = lambda i, j: (f"Okay, story time! Label party number {i}, round {j}: we looked at {50 + i + j} raw examples of the yield "
+                           f"forecast before any metric, and the spreadsheet told us more than the dashboard ever did!")
+    twin = [_doc(i, "test" if i >= 3 else "train", "\n\n".join(para(i, j) for j in range(4))) for i in range(4)]
+    other = [dict(_doc(10 + i, "test" if i == 0 else "train", "\n\n".join(theirs(i, j) for j in range(4))), author="Marisol Vega")
+             for i in range(3)]
+    cfg = section_params("sft", dict(extract_min_chars=100, extract_max_chars=300, max_llm_calls=0, max_length=128, dedup_jaccard=0.95))
+    ds, rep = build_instruct_dataset(other + twin, tok, cfg, backend=None, seed=1, author="Ilse Marchetti", log=lambda *a: None)
+    assert set(ds["train"]["doc_id"]) | set(ds["test"]["doc_id"]) == {d["id"] for d in twin}
+    assert (rep["documents"], rep["documents_other_authors"], rep["author"]) == (4, 3, "Ilse Marchetti")
+    assert rep["documents_per_kind"] == {"article": 4, "post": 0, "repository": 0}      # kinds without documents: reported, no error
+    assert {r["prompt"][0]["content"] for s in ds for r in ds[s]} == {"You are Ilse Marchetti. Write in your own voice."}
+    ds_all, _ = build_instruct_dataset(other + twin, tok, cfg, backend=None, seed=1, log=lambda *a: None)   # no author: everybody's rows
+    assert {d["id"] for d in other} <= set(ds_all["train"]["doc_id"]) | set(ds_all["test"]["doc_id"])
+    with pytest.raises(ValueError, match="set data.author"):
+        build_instruct_dataset(twin, tok, cfg, author="Marisol Vega")
