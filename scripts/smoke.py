@@ -35,6 +35,8 @@ def main(argv=None):
     params = smoke_params(overrides)
     if dest.exists(): shutil.rmtree(dest)
     dest.mkdir(parents=True); copy_worktree(dest)
+    # the copy runs on the smoke values; the default profile stays beside it for tests that check schema defaults
+    shutil.copy2(ROOT/"params.yaml", dest/"params.default.yaml")
     (dest/"params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     git = ["git", "-c", "user.name=smoke", "-c", "user.email=smoke@localhost"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "smoke copy"]): subprocess.run(git + cmd, cwd=dest, check=True)
