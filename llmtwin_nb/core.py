@@ -5,7 +5,7 @@
 # %% ../nbs/00_core.ipynb #41cd1a74
 from __future__ import annotations
 
-import contextlib, dataclasses, difflib, fcntl, hashlib, importlib, importlib.util, json, os, pkgutil, random
+import contextlib, dataclasses, difflib, fcntl, functools, hashlib, importlib, importlib.util, json, os, pkgutil, random
 import shutil, sys, time, uuid
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol
@@ -20,7 +20,7 @@ __all__ = ['PARAM_SECTIONS', 'PACKAGED', 'MANIFEST', 'RETRYABLE', 'ParamsError',
            'seed_everything', 'pick_device', 'pick_dtype', 'package_dir', 'resolve_model', 'write_manifest',
            'verify_model_dir', 'file_lock', 'convert_gguf', 'load_llm', 'load_embedder', 'ChatResult', 'BackendError',
            'ChatBackend', 'check_messages', 'ResponseCache', 'CachedBackend', 'model_fingerprint', 'LocalChatBackend',
-           'OpenAIChatBackend', 'make_backend', 'hardware_info', 'write_json']
+           'UpstreamError', 'OpenAIChatBackend', 'make_backend', 'hardware_info', 'write_json']
 
 # %% ../nbs/00_core.ipynb #c3f18eed
 class ParamsError(ValueError):
@@ -399,11 +399,21 @@ class CachedBackend:
     def __getattr__(self, k): return getattr(self.inner, k)
 
 # %% ../nbs/00_core.ipynb #5e627d00
+@functools.lru_cache(maxsize=64)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    "SHA-256 of a file's bytes (memoised per size and mtime: a model folder is hashed once per process)."
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""): h.update(block)
+    return h.hexdigest()
+
 def model_fingerprint(path: str) -> str:
-    "Stable id of a model folder's weights (name, size, mtime of each weight file); the ref itself for hub ids."
+    """Id of a model folder's weights, the same on every machine: the name and SHA-256 of each weight and config file
+    (never a timestamp, so a response cache pulled from the DVC remote still hits); the ref itself for hub ids."""
     p = Path(path)
     if not p.is_dir(): return path
-    parts = [f"{f.name}:{f.stat().st_size}:{int(f.stat().st_mtime)}" for f in sorted(p.iterdir()) if f.suffix in (".safetensors", ".bin", ".json")]
+    parts = [f"{f.name}:{_file_sha256(str(f), (s := f.stat()).st_size, s.st_mtime_ns)}" for f in sorted(p.iterdir())
+             if f.suffix in (".safetensors", ".bin", ".json", ".gguf")]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 class LocalChatBackend:
@@ -444,6 +454,11 @@ class LocalChatBackend:
 # %% ../nbs/00_core.ipynb #76d2e957
 RETRYABLE = {408, 409, 429, 500, 502, 503, 504}
 
+class UpstreamError(BackendError):
+    "The upstream answered with an HTTP error or could not be reached: `status` is what a proxy should answer (its own, or 502/504)."
+    def __init__(self, message: str, status: int = 502):
+        super().__init__(message); self.status = status
+
 class OpenAIChatBackend:
     name = "openai"
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60,
@@ -464,30 +479,71 @@ class OpenAIChatBackend:
         try: return min(float(ra), 60.0) if ra is not None else self.backoff_s * 2 ** attempt
         except ValueError: return self.backoff_s * 2 ** attempt
 
-    def chat(self, messages, max_new_tokens=None, temperature=None, **kw) -> ChatResult:
-        import httpx
-        body = self.request(check_messages(messages), max_new_tokens, temperature, **kw)["body"]
+    def _headers(self) -> dict:
         key = os.environ.get(self.api_key_env, "")
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        url, last, t0 = f"{self.base_url}/chat/completions", "", time.time()
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def _refused(self, url: str, status: int, last: str) -> UpstreamError:
+        hint = f" (is ${self.api_key_env} set?)" if status in (401, 403) else ""
+        return UpstreamError(f"{url} refused the request: {last}{hint}", status)
+
+    def _call(self, attempt_once) -> ChatResult:
+        "Run `attempt_once() -> (ChatResult | None, response, reason)` with retries; `UpstreamError` with the status to pass on."
+        import httpx
+        url, last, status = f"{self.base_url}/chat/completions", "", 502
         for attempt in range(self.max_retries + 1):
             resp = None
             try:
-                resp = httpx.post(url, json=body, headers=headers, timeout=self.timeout_s)
-                if resp.status_code == 200:
-                    d = resp.json(); ch = d["choices"][0]; u = d.get("usage") or {}
-                    return ChatResult(ch["message"]["content"] or "", d.get("model", self.model), u.get("prompt_tokens", 0),
-                                      u.get("completion_tokens", 0), ch.get("finish_reason") or "stop", False, time.time() - t0)
-                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
-                if resp.status_code not in RETRYABLE:
-                    hint = f" (is ${self.api_key_env} set?)" if resp.status_code in (401, 403) else ""
-                    raise BackendError(f"{url} refused the request: {last}{hint}")
-            except (httpx.TimeoutException, httpx.TransportError) as e:
-                last = f"{type(e).__name__}: {e}"
+                res, resp, last = attempt_once(url)
+                if res is not None: return res
+                status = resp.status_code
+                if status not in RETRYABLE: raise self._refused(url, status, last)
+            except httpx.TimeoutException as e: last, status = f"{type(e).__name__}: {e}", 504
+            except httpx.TransportError as e: last, status = f"{type(e).__name__}: {e}", 502
             except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise BackendError(f"{url} answered 200 but not with an OpenAI chat completion: {e}") from None
+                raise UpstreamError(f"{url} answered 200 but not with an OpenAI chat completion: {e}", 502) from None
             if attempt < self.max_retries: time.sleep(self._retry_after(resp, attempt))
-        raise BackendError(f"{url} failed after {self.max_retries + 1} attempts: {last}")
+        raise UpstreamError(f"{url} failed after {self.max_retries + 1} attempts: {last}", status)
+
+    def chat(self, messages, max_new_tokens=None, temperature=None, **kw) -> ChatResult:
+        import httpx
+        body, t0 = self.request(check_messages(messages), max_new_tokens, temperature, **kw)["body"], time.time()
+        def once(url):
+            resp = httpx.post(url, json=body, headers=self._headers(), timeout=self.timeout_s)
+            if resp.status_code != 200: return None, resp, f"HTTP {resp.status_code}: {resp.text[:200]}"
+            d = resp.json(); ch = d["choices"][0]; u = d.get("usage") or {}
+            return ChatResult(ch["message"]["content"] or "", d.get("model", self.model), u.get("prompt_tokens", 0),
+                              u.get("completion_tokens", 0), ch.get("finish_reason") or "stop", False, time.time() - t0), resp, ""
+        return self._call(once)
+
+    def stream(self, messages, on_text, max_new_tokens=None, temperature=None, **kw) -> ChatResult:
+        """A streamed chat completion: `on_text(piece)` is called with each piece as the upstream sends it; returns the whole
+        `ChatResult` (token counts from the upstream's usage chunk, else pieces counted). Retried only before the first piece."""
+        import httpx
+        body = {**self.request(check_messages(messages), max_new_tokens, temperature, **kw)["body"],
+                "stream": True, "stream_options": {"include_usage": True}}
+        t0 = time.time()
+        def once(url):
+            with httpx.stream("POST", url, json=body, headers=self._headers(), timeout=self.timeout_s) as resp:
+                if resp.status_code != 200: resp.read(); return None, resp, f"HTTP {resp.status_code}: {resp.text[:200]}"
+                pieces, usage, finish, model = [], {}, None, self.model
+                try:
+                    for line in resp.iter_lines():
+                        if not line.startswith("data:"): continue
+                        data = line[5:].strip()
+                        if data == "[DONE]": break
+                        d = json.loads(data)
+                        if d.get("error"): raise UpstreamError(f"{url} failed mid-stream: {d['error'].get('message', d['error'])}", 502)
+                        model, usage = d.get("model", model), d.get("usage") or usage
+                        for ch in d.get("choices") or []:
+                            if piece := (ch.get("delta") or {}).get("content"): pieces.append(piece); on_text(piece)
+                            finish = ch.get("finish_reason") or finish
+                except httpx.HTTPError as e:
+                    if not pieces: raise                          # nothing sent yet: retry
+                    raise UpstreamError(f"{url}: the stream broke after {len(pieces)} pieces ({type(e).__name__}: {e})", 502) from None
+                return ChatResult("".join(pieces), model, usage.get("prompt_tokens", 0), usage.get("completion_tokens", len(pieces)),
+                                  finish or "stop", False, time.time() - t0), resp, ""
+        return self._call(once)
 
 # %% ../nbs/00_core.ipynb #89011487
 def make_backend(llm: dict | LLMParams, models: dict | ModelsParams | None = None, core: dict | CoreParams | None = None,

@@ -5,7 +5,7 @@
 # %% ../nbs/04_dpo.ipynb #d79d2b13
 from __future__ import annotations
 
-import hashlib, json, math, os, random, re, resource, shutil, time
+import dataclasses, hashlib, json, math, os, random, re, resource, shutil, time
 from pathlib import Path
 from typing import Literal, Optional
 
@@ -16,7 +16,8 @@ from .core import (Section, register_params, section_params, ParamsError, get_pa
                              LocalChatBackend, OpenAIChatBackend, CachedBackend, ResponseCache, ChatResult, cache_dir,
                              check_messages)
 from .sft import (load_evalsets, Decontaminator, near_duplicates, last_checkpoint, check_checkpoint,
-                            CheckpointMismatch, CONFIG_FILE, peak_memory_mb)
+                            CheckpointMismatch, CONFIG_FILE, peak_memory_mb, process_rank, is_main_process, local_device,
+                            ddp_args, save_adapter)
 
 # %% auto #0
 __all__ = ['JUDGE_PROMPT', 'DATASET_CARD', 'TRAIN_KEYS', 'CURVE_KEYS', 'DpoParams', 'resolve_ref', 'trim_dangling',
@@ -24,7 +25,7 @@ __all__ = ['JUDGE_PROMPT', 'DATASET_CARD', 'TRAIN_KEYS', 'CURVE_KEYS', 'DpoParam
            'generate_answers', 'make_pairs', 'check_pairs', 'judge_pairs', 'make_judge', 'trim_to_sentence',
            'too_few_pairs', 'build_preference', 'save_preference', 'load_feedback_pairs', 'check_reference',
            'check_adapter_base', 'dpo_config', 'prepare_checkpoints', 'train_dpo', 'merge_adapter', 'curves_table',
-           'write_curves']
+           'write_curves', 'main']
 
 # %% ../nbs/04_dpo.ipynb #5a95d52d
 @register_params("dpo")
@@ -397,15 +398,18 @@ def dpo_config(cfg: DpoParams, model_dir: str, train_pairs, seed: int) -> dict:
     return dict(c, config_hash=hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:12])
 
 def prepare_checkpoints(ckpt_dir: str | Path, config: dict, resume: bool = True) -> Path | None:
-    "The checkpoint to resume from (or None); a folder holding another config's checkpoints is refused (`CheckpointMismatch`)."
-    ckpt_dir = Path(ckpt_dir)
-    if ckpt_dir.exists() and not resume: shutil.rmtree(ckpt_dir)
+    """The checkpoint to resume from (or None); a folder holding another config's checkpoints is refused (`CheckpointMismatch`).
+    Under a distributed launch only the main process deletes or writes; every process returns the same answer."""
+    ckpt_dir, main = Path(ckpt_dir), is_main_process()
+    if not resume:
+        if not main: return None
+        if ckpt_dir.exists(): shutil.rmtree(ckpt_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     last = last_checkpoint(ckpt_dir)
     if last is not None:
         try: check_checkpoint(last, config)
         except CheckpointMismatch as e: raise CheckpointMismatch(f"{e}; or delete {ckpt_dir} / set dpo.resume: false") from None
-    write_json(ckpt_dir/CONFIG_FILE, config)
+    if main: write_json(ckpt_dir/CONFIG_FILE, config)
     return last
 
 # %% ../nbs/04_dpo.ipynb #eea5a4c5
@@ -418,11 +422,13 @@ def _load_policy(model_dir: str, device: str, qlora: bool):
         if device != "cuda": raise ParamsError("`dpo.qlora` = true needs a CUDA GPU (bitsandbytes 4-bit); use LoRA (qlora: false) on a CPU")
         from transformers import BitsAndBytesConfig
         from peft import prepare_model_for_kbit_training
-        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": 0})
+        bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.bfloat16,
+                                 bnb_4bit_quant_storage=torch.bfloat16)      # bf16 storage: FSDP can shard the 4-bit weights
+        model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=bnb, dtype=torch.bfloat16,
+                                                     device_map={"": local_device(device)})   # this process's GPU, not always GPU 0
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(device)).to(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(device)).to(local_device(device))   # cpu: unchanged
     return model, tok
 
 def train_dpo(model_dir: str, train_pairs, eval_pairs, cfg: DpoParams, out_dir: str | Path, ckpt_dir: str | Path,
@@ -449,7 +455,7 @@ def train_dpo(model_dir: str, train_pairs, eval_pairs, cfg: DpoParams, out_dir: 
                      save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=1, bf16=bf16, fp16=False,
                      gradient_checkpointing=cfg.qlora, use_cpu=device == "cpu", report_to="none", seed=seed, data_seed=seed,
                      dataloader_num_workers=0, disable_tqdm=True, save_only_model=False,
-                     optim="paged_adamw_8bit" if cfg.qlora else "adamw_torch")
+                     optim="paged_adamw_8bit" if cfg.qlora else "adamw_torch", **ddp_args())
     peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules="all-linear",
                              task_type="CAUSAL_LM")
     class Stop(TrainerCallback):                   # simulates an interruption (tests) after `stop_after` steps
@@ -464,12 +470,15 @@ def train_dpo(model_dir: str, train_pairs, eval_pairs, cfg: DpoParams, out_dir: 
     if stop_after is not None and trainer.state.global_step < trainer.state.max_steps:
         return dict(interrupted=True, global_step=trainer.state.global_step, log_history=trainer.state.log_history)
     final = trainer.evaluate() if not any("eval_loss" in h and h.get("step") == trainer.state.global_step for h in trainer.state.log_history) else {}
-    out_dir = Path(out_dir); adapter = out_dir/"adapter"
-    trainer.model.save_pretrained(str(adapter)); tok.save_pretrained(str(adapter))
-    (adapter/"llmtwin_base.json").write_text(json.dumps(dict(base=str(model_dir), base_fingerprint=model_fingerprint(model_dir), config_hash=run_hash)))
+    out_dir = Path(out_dir); adapter = out_dir/"adapter"; main = trainer.is_world_process_zero()
+    save_adapter(trainer, adapter)                   # every process calls it (sharded weights are gathered); the main process writes
+    if main:
+        tok.save_pretrained(str(adapter))
+        (adapter/"llmtwin_base.json").write_text(json.dumps(dict(base=str(model_dir), base_fingerprint=model_fingerprint(model_dir), config_hash=run_hash)))
     hist = trainer.state.log_history
     last_eval = [h for h in hist if "eval_loss" in h][-1]
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()          # the adapter is on disk for every process before any returns
+    if main: shutil.rmtree(ckpt_dir, ignore_errors=True)
     return dict(interrupted=False, global_step=trainer.state.global_step, train_seconds=round(train_s, 1),
                 resumed_from=str(resume_from) if resume_from else None,
                 eval=last_eval, log_history=hist, peak_memory_mb=peak_memory_mb(device), device=device, config_hash=run_hash)
@@ -508,3 +517,43 @@ def write_curves(rows: list[dict], path: str | Path) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0])); w.writeheader(); w.writerows(rows)
     return path
+
+# %% ../nbs/04_dpo.ipynb #6f378605
+def main(argv=None):
+    """Train DPO from a saved preference dataset and the SFT model, then merge the adapter (main process only).
+    Runs as `python -m llmtwin_nb.dpo` or under `accelerate launch [--config_file ...] -m llmtwin_nb.dpo`."""
+    import argparse
+    from datasets import load_from_disk
+    from llmtwin_nb.core import load_params
+    ap = argparse.ArgumentParser(prog="python -m llmtwin_nb.dpo", description=main.__doc__)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter, e.g. -S dpo.beta=0.2")
+    ap.add_argument("--pairs", help="preference dataset folder (save_to_disk with train/test; default: artifacts/preference)")
+    ap.add_argument("--model", help="start model reference (default: dpo.sft_model)")
+    ap.add_argument("--out", help="output folder for adapter/ and merged/ (default: models/dpo)")
+    ap.add_argument("--checkpoint-dir", help="checkpoint folder (default: models/dpo-checkpoints)")
+    ap.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (-1: dpo.epochs)")
+    ap.add_argument("--metrics", help="also write the run's metrics and curves to this JSON file (main process)")
+    a = ap.parse_args(argv)
+    p = load_params(a.params, a.set); P = get_paths()
+    cfg = section_params("dpo", p["dpo"]); core = p["core"]
+    pairs_dir = Path(a.pairs) if a.pairs else P.artifacts/"preference"
+    if not pairs_dir.exists(): raise FileNotFoundError(f"preference dataset {pairs_dir} not found: run the DPO stage first (`dvc repro dpo`) or pass --pairs")
+    pref = load_from_disk(str(pairs_dir))
+    ref = resolve_ref(a.model or cfg.sft_model, P.root)
+    if not (ref.startswith("packaged:") or Path(ref).exists() or a.model):
+        raise FileNotFoundError(f"SFT model {cfg.sft_model} not found: run the SFT stage first (`dvc repro sft`) or pass --model")
+    model_dir = resolve_model(ref)
+    out = Path(a.out) if a.out else P.models/"dpo"
+    res = train_dpo(model_dir, list(pref["train"]), list(pref["test"]), cfg, out, Path(a.checkpoint_dir) if a.checkpoint_dir else P.models/"dpo-checkpoints",
+                    core["seed"], core["device"], max_steps=a.max_steps)
+    rank, _, world = process_rank()
+    if is_main_process():
+        merge_adapter(model_dir, out/"adapter", out/"merged")
+        m = dict({k: v for k, v in res.items() if k != "log_history"}, world_size=world, saved_by_rank=rank, out=str(out),
+                 curve=curves_table(res["log_history"]))
+        if a.metrics: write_json(a.metrics, m)
+        print(f"rank {rank}/{world}: wrote {out/'merged'}"); print(json.dumps(res["eval"], indent=1))
+    return res
+
+if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__") and "ipykernel" not in os.sys.modules: main()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib, dataclasses, json, math, os, random, re, shutil, tempfile, time
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable, Literal, Optional
 
 import numpy as np
 from pydantic import Field
@@ -18,14 +18,15 @@ from .core import (ParamsError, Section, register_params, section_params, load_p
                              LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir)
 
 # %% auto #0
-__all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'LMEVAL_TASK', 'RAG_SYSTEM', 'PLOT_METRICS', 'EvalParams',
-           'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint', 'generate_batch', 'stopwatch', 'lap',
-           'save_generations', 'load_generations', 'sentences', 'clip_text', 'passages', 'normalize_text',
-           'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll',
-           'chat_nll', 'perplexity', 'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers',
-           'judge_answers_logprob', 'judge_sanity', 'repetition_stats', 'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci',
-           'cluster_means', 'twin_position', 'mc_items', 'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l',
-           'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci', 'comparison_rows', 'plot_comparison']
+__all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'MIN_ITEMS_FOR_SIGNIFICANCE', 'LMEVAL_TASK', 'RAG_SYSTEM',
+           'PLOT_METRICS', 'EvalParams', 'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint',
+           'generate_batch', 'stopwatch', 'lap', 'save_generations', 'load_generations', 'sentences', 'clip_text',
+           'passages', 'normalize_text', 'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors',
+           'twin_metric_texts', 'text_nll', 'chat_nll', 'perplexity', 'JudgeParseError', 'judge_messages',
+           'parse_judgement', 'judge_answers', 'judge_answers_logprob', 'judge_sanity', 'repetition_stats',
+           'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci', 'cluster_means', 'twin_position', 'mc_items',
+           'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means',
+           'paired_judge_ci', 'comparison_rows', 'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
@@ -44,6 +45,16 @@ class EvalParams(Section):
     ppl_max_tokens: int = Field(2000, ge=100, description="cap on held-out tokens scored for perplexity")
     judge_max_items: int = Field(6, ge=0, description="answers per model the judge scores (0: no judge)")
     judge_max_new_tokens: int = Field(96, gt=0)
+    judge_backend: Literal["local", "openai"] = Field("local", description="local: models.llm scored by next-token log-probabilities "
+        "(weak); openai: an OpenAI-compatible endpoint. The judge's own settings, so a strong judge never changes llm.* (which "
+        "generates training data)")
+    judge_base_url: str | None = Field(None, description="openai judge: the endpoint, e.g. https://api.openai.com/v1")
+    judge_model: str | None = Field(None, description="openai judge: the endpoint's model name, e.g. gpt-4o-mini")
+    judge_api_key_env: str = Field("OPENAI_API_KEY", description="openai judge: the environment variable holding the key")
+    llm_cache: str = Field("artifacts/llm_cache/eval", min_length=1, description="LLM response cache of this stage (answers and "
+        "judgements; a persisted DVC output, pulled with the results, so a rerun replays the same answers)")
+    judge_min_sanity: float = Field(0.7, ge=0, le=1, description="a judge must prefer the author's own reference over another "
+        "item's on at least this share of sanity items, else judge_sanity.valid is false and its scores stay out of the README")
     lmeval: bool = True
     lmeval_items: int = Field(24, ge=4, description="author-knowledge multiple-choice items from held-out documents")
     lmeval_tasks: str = Field("none", description="standard lm-eval tasks, comma separated (e.g. mmlu_abstract_algebra,ifeval); need the hub")
@@ -549,14 +560,19 @@ def judge_answers_logprob(model, tok, items: list[dict], batch_size: int = 6) ->
     return [dict(accuracy=round(float(a @ scale), 4), style=round(float(s @ scale), 4), raw=f"p(1,2,3) accuracy {np.round(a, 3).tolist()} style {np.round(s, 3).tolist()}")
             for a, s in zip(pa, ps)]
 
-def judge_sanity(model, tok, items: list[dict], batch_size: int = 6) -> dict:
-    "Does the log-prob judge score the author's reference (as the answer) above a different item's reference? Mean accuracy of each."
-    if len(items) < 2: return dict(note="needs at least 2 items")
+def judge_sanity(score: Callable[[list[dict]], list[dict]], items: list[dict], min_prefers: float = 0.7) -> dict:
+    """Does a judge earn its place? `score` (a judge: items -> `{accuracy, ...}` or `{error}`) must rate the author's own
+    reference, given as the answer, above a different item's reference on at least `min_prefers` of the items (`valid`)."""
+    if len(items) < 2: return dict(note="needs at least 2 items", valid=False)
     own = [dict(it, answer=it["reference"]) for it in items]
     other = [dict(it, answer=items[(k + 1) % len(items)]["reference"]) for k, it in enumerate(items)]
-    a, b = (np.array([j["accuracy"] for j in judge_answers_logprob(model, tok, x, batch_size)]) for x in (own, other))
-    return dict(reference_as_answer=round(float(a.mean()), 4), other_reference_as_answer=round(float(b.mean()), 4),
-                prefers_reference=round(float(np.mean(a > b)), 4), items=len(items))
+    a, b = (np.array([j.get("accuracy", np.nan) for j in score(x)], float) for x in (own, other))
+    ok = ~(np.isnan(a) | np.isnan(b))                              # items the judge answered both times
+    prefers = float(np.mean(a[ok] > b[ok])) if ok.any() else 0.0
+    return dict(reference_as_answer=round(float(np.nanmean(a)), 4) if ok.any() else None,
+                other_reference_as_answer=round(float(np.nanmean(b)), 4) if ok.any() else None,
+                prefers_reference=round(prefers, 4), items=len(items), parsed=int(ok.sum()),
+                min_prefers_reference=min_prefers, valid=bool(ok.any() and prefers >= min_prefers))
 
 # %% ../nbs/05_eval.ipynb #c8d8176c
 def repetition_stats(texts: list[str], first_words: int = 40) -> dict:
@@ -572,14 +588,18 @@ def repetition_stats(texts: list[str], first_words: int = 40) -> dict:
                 repeated_4gram_share=round(float(np.mean(rep)), 4) if rep else None, texts=len(ttr))
 
 # %% ../nbs/05_eval.ipynb #48e77e31
+MIN_ITEMS_FOR_SIGNIFICANCE = 30   # below this a percentile bootstrap undercovers: report the interval, claim nothing
+
 def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, B: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    "Point value and percentile interval of `stat(idx)` over `B` resamples of `n` items (`stat` takes a (B, n) or (n,) index array)."
+    """Point value and percentile interval of `stat(idx)` over `B` resamples of `n` items (`stat` takes a (B, n) or (n,) index
+    array). `significant` needs the interval to exclude 0 *and* at least `MIN_ITEMS_FOR_SIGNIFICANCE` items."""
     if n < 2: raise ValueError(f"a bootstrap needs at least 2 paired items, got {n}")
     idx = np.random.default_rng(seed).integers(0, n, size=(B, n))
     boots = np.asarray(stat(idx), float)
     lo, hi = np.nanquantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
     return dict(diff=float(stat(np.arange(n))), lo=float(lo), hi=float(hi), n=int(n), resamples=int(B),
-                p_le_0=float(np.mean(boots <= 0)), significant=bool(lo > 0 or hi < 0))
+                p_le_0=float(np.mean(boots <= 0)), excludes_zero=bool(lo > 0 or hi < 0),
+                significant=bool((lo > 0 or hi < 0) and n >= MIN_ITEMS_FOR_SIGNIFICANCE))
 
 def mean_diff_ci(a, b, **kw) -> dict:
     "Paired bootstrap CI of mean(a) - mean(b)."
@@ -647,12 +667,14 @@ def mc_items(docs, n: int, seed: int = 42, context_sents: int = 2, min_words: in
 LMEVAL_TASK = "llmtwin_author_mc"
 
 def write_lmeval_task(folder: str | Path, items: list[dict], name: str = LMEVAL_TASK) -> Path:
-    "A local lm-eval task: `<name>.jsonl` and `<name>.yaml` (dataset_path: json, loglikelihood multiple choice)."
+    """A local lm-eval task: `<name>.jsonl` and `<name>.yaml` (dataset_path: json, loglikelihood multiple choice). The YAML
+    names its data file relative to the repository root (`run_lmeval` runs there), so the committed task holds no machine path."""
     import yaml
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     data = folder/f"{name}.jsonl"
     data.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
-    task = dict(task=name, dataset_path="json", dataset_kwargs=dict(data_files=dict(test=str(data.resolve()))), test_split="test",
+    root, data = get_paths().root.resolve(), data.resolve()
+    task = dict(task=name, dataset_path="json", dataset_kwargs=dict(data_files=dict(test=str(data.relative_to(root) if data.is_relative_to(root) else data))), test_split="test",
                 output_type="multiple_choice", doc_to_text="{{context}}", doc_to_choice="{{choices}}", doc_to_target="{{label}}",
                 metric_list=[dict(metric="acc", aggregation="mean", higher_is_better=True),
                              dict(metric="acc_norm", aggregation="mean", higher_is_better=True)],
@@ -664,16 +686,19 @@ def run_lmeval(pretrained, tasks: list[str], include_path: str | Path | None = N
                batch_size: int = 8, device: str = "cpu", dtype: str = "float32", bootstrap_iters: int = 1000) -> dict:
     """Run lm-eval's `hf` model on `tasks`; `{task: {metric: value}}`. `pretrained` is a model folder or hub id (what the
     CLI takes: `lm_eval --model hf --model_args pretrained=... --include_path ...`) or an already loaded `(model, tokenizer)`."""
-    import lm_eval
+    import contextlib, lm_eval
     from lm_eval.tasks import TaskManager
-    tm = TaskManager(include_path=str(include_path) if include_path else None)
+    tm = TaskManager(include_path=str(Path(include_path).resolve()) if include_path else None)
     if isinstance(pretrained, (tuple, list)):
         from lm_eval.models.huggingface import HFLM
         model, model_args = HFLM(pretrained=pretrained[0], tokenizer=pretrained[1], batch_size=batch_size, device=device), None
-    else: model, model_args = "hf", f"pretrained={pretrained},dtype={dtype},device={device}"
-    res = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=tm, batch_size=batch_size, limit=limit,
-                                  log_samples=True, bootstrap_iters=bootstrap_iters, random_seed=0, numpy_random_seed=0,
-                                  torch_random_seed=0, fewshot_random_seed=0)
+    else:
+        ref = Path(pretrained).resolve() if Path(pretrained).exists() else pretrained
+        model, model_args = "hf", f"pretrained={ref},dtype={dtype},device={device}"
+    with contextlib.chdir(get_paths().root):                           # task data files are named relative to the root
+        res = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=tasks, task_manager=tm, batch_size=batch_size,
+                                      limit=limit, log_samples=True, bootstrap_iters=bootstrap_iters, random_seed=0,
+                                      numpy_random_seed=0, torch_random_seed=0, fewshot_random_seed=0)
     out = {}
     for t, r in res["results"].items():
         out[t] = {k.split(",")[0]: float(v) for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "alias"}

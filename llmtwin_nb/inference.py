@@ -18,9 +18,10 @@ from .core import (Section, register_params, section_params, load_params, get_pa
 # %% auto #0
 __all__ = ['GPU_BANDWIDTH_GBS', 'InferenceParams', 'measure_bandwidth', 'torch_threads', 'model_bytes', 'bytes_per_token',
            'kv_cache_bytes', 'cache_nbytes', 'Bench', 'bench_generate', 'assert_same_tokens', 'compile_config',
-           'heldout_documents', 'heldout_texts', 'paragraphs', 'padding_waste', 'batch_sweep', 'layer_skip_draft',
-           'count_acceptance', 'acceptance_rate', 'perplexity', 'Int8WeightOnlyLinear', 'quantize_int8_weight_only',
-           'quantize_int8_dynamic', 'roofline', 'gpu_spec_bandwidth']
+           'heldout_documents', 'heldout_texts', 'paragraphs', 'length_bucket', 'padding_waste', 'batch_sweep',
+           'matmul_gflops', 'forward_step_seconds', 'step_floors', 'layer_skip_draft', 'count_acceptance',
+           'acceptance_rate', 'perplexity', 'Int8WeightOnlyLinear', 'quantize_int8_weight_only',
+           'quantize_int8_dynamic', 'roofline_bound', 'roofline', 'gpu_spec_bandwidth']
 
 # %% ../nbs/06_inference.ipynb #4b8cb2e3
 @register_params("inference")
@@ -207,14 +208,9 @@ def compile_config(mode: str = "default", fullgraph: bool = True):
 def heldout_documents(author: str, path: str | Path | None = None) -> list:
     "The `author`'s held-out (test split) warehouse documents: prose before code, longest first; a clear error if there are none."
     from llmtwin_nb.data import load_documents
-    try: docs = load_documents(path, split="test")
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e} (chapter 06 reads the twin's held-out documents from the warehouse)") from None
-    mine = [d for d in docs if d.author == author]
-    if not mine:
-        others = sorted({d.author for d in docs})
-        raise ValueError(f"the warehouse has no test-split documents by {author!r} (data.author); it has test documents by "
-                         f"{others or 'nobody'}: set data.author to the twin's name as the importers record it, or rerun `dvc repro data`")
+    mine = load_documents(path, split="test", author=author)          # names the authors present when the twin is not one
+    if not mine: raise ValueError(f"{author!r} (data.author) has no test-split documents: the data stage must hold out some "
+                                  "(data.test_fraction), or the twin needs more documents")
     return sorted(mine, key=lambda d: (d.kind == "repository", -len(d.content or ""), d.id))
 
 def heldout_texts(author: str, n_docs: int = 2, path: str | Path | None = None) -> dict[str, str]:
@@ -228,6 +224,13 @@ def heldout_texts(author: str, n_docs: int = 2, path: str | Path | None = None) 
 def paragraphs(text: str, min_chars: int = 120) -> list[str]:
     "The blank-line separated paragraphs of `text` with at least `min_chars` characters, whitespace collapsed."
     return [re.sub(r"\s+", " ", p).strip() for p in re.split(r"\n\s*\n", text or "") if len(p.strip()) >= min_chars]
+
+def length_bucket(lengths: list[int], size: int) -> list[int]:
+    "Indices of the `size` requests whose lengths are closest together: the batch a length-bucketing scheduler would form."
+    if not 1 <= size <= len(lengths): raise ValueError(f"need 1 <= size <= {len(lengths)} requests, got size={size}")
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    start = min(range(len(order) - size + 1), key=lambda s: (lengths[order[s + size - 1]] - lengths[order[s]], s))
+    return sorted(order[start:start + size])
 
 def padding_waste(lengths: list[int], batch: int) -> float:
     "Fraction of pad tokens when consecutive prompts are batched by `batch` and left-padded to the longest in each batch."
@@ -258,6 +261,43 @@ def batch_sweep(model, tokenizer, prompts: list[str], new_tokens: int, batch_siz
                          latency_s=round(statistics.median(b.median_s for b in runs), 3), total_s=round(total, 3),
                          pad_fraction=round(n_pad / n_tok, 3), identical_token_fraction=round(float((ids == ref).float().mean()), 3)))
     return rows
+
+# %% ../nbs/06_inference.ipynb #3d1458de
+def matmul_gflops(n: int = 1024, repeats: int = 10, threads: int | None = None) -> float:
+    "Median fp32 GFLOP/s of an `n` x `n` matrix product: the CPU's compute ceiling for the roofline."
+    import torch
+    if n < 16 or repeats < 1: raise ValueError(f"n ({n}) must be >= 16 and repeats ({repeats}) >= 1")
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = []
+    with torch_threads(threads):
+        for i in range(repeats + 1):                          # the first product is a warm-up
+            t = time.perf_counter(); a @ b; dt = time.perf_counter() - t
+            if i: times.append(dt)
+    return 2 * n ** 3 / statistics.median(times) / 1e9
+
+def forward_step_seconds(model, inputs: dict, repeats: int = 5) -> float:
+    "Median time of one raw decoding forward (one new token per sequence on the prompt's KV cache): the model alone, no loop."
+    import torch
+    inputs = {k: v.to(model.device) for k, v in inputs.items()}
+    with torch.inference_mode():
+        out = model(**inputs, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(nxt)], 1)
+        times = []
+        for i in range(repeats + 1):
+            cache = copy.deepcopy(out.past_key_values)                 # every timed step starts from the same cache
+            t = time.perf_counter(); model(input_ids=nxt, attention_mask=mask, past_key_values=cache, use_cache=True)
+            if i: times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+def step_floors(weight_bytes: int, kv_bytes: int, batch: int, bandwidth_gbs: float, gflops: float) -> dict:
+    "The two hardware floors of one decoding step at `batch`: bytes over bandwidth, 2 FLOPs per weight per token over GFLOP/s."
+    if bandwidth_gbs <= 0 or gflops <= 0 or batch < 1: raise ValueError("bandwidth_gbs and gflops must be positive, batch >= 1")
+    mem = (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9)
+    cmp_ = batch * 2 * (weight_bytes / 4) / (gflops * 1e9)          # fp32: weight_bytes / 4 weights
+    return dict(memory_ms=round(mem * 1e3, 3), compute_ms=round(cmp_ * 1e3, 3), bound="memory" if mem >= cmp_ else "compute",
+                crossover_batch=round(mem / (2 * (weight_bytes / 4) / (gflops * 1e9)), 1))
+
 
 # %% ../nbs/06_inference.ipynb #6cc7447c
 def layer_skip_draft(model, k: int):
@@ -366,6 +406,15 @@ def quantize_int8_dynamic(model):
         return torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, dtype=torch.qint8)
 
 # %% ../nbs/06_inference.ipynb #e5421f60
+def roofline_bound(weight_bytes: int, dram_gbs: float, working_set_gbs: float, llc_bytes: int = 0, margin: float = 1.3) -> dict:
+    """Which memory level bounds decoding: `cache-resident` when re-reading a weight-sized working set runs more than
+    `margin` x faster than DRAM (the weights stay in cache between steps), else `DRAM`; `bandwidth_gbs` is the one that applies."""
+    if dram_gbs <= 0 or working_set_gbs <= 0: raise ValueError("bandwidths must be positive")
+    cached = working_set_gbs > margin * dram_gbs
+    return dict(bound="cache-resident" if cached else "DRAM", bandwidth_gbs=round(working_set_gbs if cached else dram_gbs, 2),
+                working_set_mb=round(weight_bytes / 2**20, 1), last_level_cache_mb=round(llc_bytes / 2**20, 1),
+                working_set_gbs=round(working_set_gbs, 2), dram_gbs=round(dram_gbs, 2))
+
 def roofline(decode_tokens_per_s: float, weight_bytes_per_token: int, kv_bytes: int, bandwidth_gbs: float, batch: int = 1) -> dict:
     "Achieved memory bandwidth of batch decoding and its fraction of the measured bandwidth."
     if bandwidth_gbs <= 0: raise ValueError(f"bandwidth_gbs must be positive, got {bandwidth_gbs}")

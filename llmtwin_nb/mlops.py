@@ -17,13 +17,13 @@ from .core import (ParamsError, Section, get_paths, hardware_info, load_embedder
                              section_params, seed_everything, write_json)
 from .data import mask_pii
 from .serve import (FEEDBACK_FILE, ABRouter, FeedbackLog, PromptRegistry, ServerThread, create_app, normalize_rating,
-                              parse_variants, parse_weights, read_traces)
+                              parse_variants, parse_weights, read_traces, reader_question, reader_questions, repo_relative)
 
 # %% auto #0
 __all__ = ['FEEDBACK_STAGE_PARAMS', 'TRACES_FILE', 'OFF_TOPIC_QUESTIONS', 'MlopsParams', 'variant_of', 'latest_feedback',
            'feedback_to_data', 'write_jsonl', 'feedback_data', 'build_feedback_data', 'main', 'read_jsonl',
-           'append_feedback_sft', 'bootstrap_diff', 'compare_ratings', 'monitor_traces', 'mmd2', 'drift_check',
-           'training_reference', 'topic_questions', 'sim_requests', 'simulated_rating', 'run_simulation']
+           'append_feedback_sft', 'bootstrap_diff', 'compare_ratings', 'monitor_traces', 'cost_per_variant', 'mmd2',
+           'drift_check', 'training_reference', 'topic_questions', 'sim_requests', 'simulated_rating', 'run_simulation']
 
 # %% ../nbs/08_mlops.ipynb #5034a0d1
 @register_params("mlops")
@@ -296,6 +296,23 @@ def monitor_traces(traces: list[dict], latency_p95_max_ms: float = 20000, error_
     out["thresholds"] = dict(latency_p95_max_ms=latency_p95_max_ms, error_rate_max=error_rate_max)
     return out
 
+def cost_per_variant(traces: list[dict], served_names: dict | None = None, root: str | Path | None = None) -> dict:
+    """What each variant cost: the sum of its traces' `cost_usd` (the service prices every request at serve.prices; a failed one
+    costs 0), per request, its tokens and fallbacks, and which models answered. Traces without a cost (older logs) are not priced."""
+    out = {}
+    for v in sorted({str(variant_of(t, served_names)) for t in traces}):
+        ts = [t for t in traces if str(variant_of(t, served_names)) == v]
+        priced = [t for t in ts if t.get("cost_usd") is not None]
+        cost = sum(t["cost_usd"] for t in priced)
+        out[v] = dict(requests=len(ts), priced_requests=len(priced), cost_usd=round(cost, 8),
+                      cost_per_request_usd=round(cost / len(priced), 10) if priced else None,
+                      cost_per_1k_requests_usd=round(1000 * cost / len(priced), 6) if priced else None,
+                      prompt_tokens=sum(t.get("prompt_tokens") or 0 for t in priced),
+                      completion_tokens=sum(t.get("completion_tokens") or 0 for t in priced),
+                      fallback_requests=sum(1 for t in ts if t.get("fallback")),
+                      answered_by=dict(Counter(repo_relative(str(t.get("answered_by") or t.get("backend_model")), root) for t in priced)))
+    return out
+
 # %% ../nbs/08_mlops.ipynb #dc681b96
 def mmd2(x, y, gamma: float = 1.0) -> float:
     "Biased MMD^2 with an RBF kernel exp(-gamma |a-b|^2)."
@@ -337,16 +354,16 @@ def training_reference(docs, min_chars: int = 250, max_chars: int = 800) -> list
     return out
 
 def topic_questions(docs, evalsets: dict | None = None, n: int = 24, seed: int = 0) -> list[str]:
-    """`n` questions on the twin's topics that the reference does not hold: the key words of its held-out (test) prose asked
-    as a reader would, and the hand-written evaluation questions about its documents (deterministic)."""
-    from llmtwin_nb.sft import key_phrase, split_extracts
+    """`n` questions on the twin's topics that the reference does not hold: the serving chapter's reader questions about its
+    held-out (test) documents (`serve.reader_questions`, two extracts each), and the hand-written evaluation questions about
+    its documents (deterministic)."""
     ids = {d.id for d in docs}
-    held = [d for d in sorted(docs, key=lambda d: d.id) if getattr(d, "split", "train") == "test" and getattr(d, "kind", None) != "repository"]
-    qs = [f"What have you written about {key_phrase(e)}?" for d in held for e in split_extracts(d.content or "", 250, 800)[:2]]
+    try: qs = [q["question"] for q in reader_questions(docs, None, seed, split="test", per_doc=2)]
+    except ValueError: qs = []                    # no held-out prose: the evaluation questions alone
     qs += [r["question"] for rows in (evalsets or {}).values() for r in rows       # machine-generated ones read like no user
            if r.get("question") and r.get("source") != "generated" and set(r.get("doc_ids") or ()) & ids]
     qs = list(dict.fromkeys(qs))
-    if not qs: raise ValueError("no held-out prose and no evaluation question about these documents: run `dvc repro data rag`")
+    if not qs: raise ValueError("no held-out (test-split) document and no evaluation question about these documents: run `dvc repro data rag`")
     random.Random(seed).shuffle(qs)
     return [qs[i % len(qs)] for i in range(n)]
 
@@ -359,7 +376,7 @@ OFF_TOPIC_QUESTIONS = ["What is a good recipe for banana bread?", "Who won the f
 def sim_requests(docs, evalsets: dict, n: int, *, rag_fraction: float = 0.5, eval_fraction: float = 0.05, offtopic_fraction: float = 0.4,
                  recent: int = 80, seed: int = 42, pool_size: int = 60) -> list[dict]:
     "The simulated workload: `n` requests `{i, user, endpoint, question, ideal, kind}` about `docs` (the twin's; deterministic for a seed)."
-    from llmtwin_nb.sft import split_extracts, template_instruction, key_phrase
+    from llmtwin_nb.sft import split_extracts, template_instruction
     rng = random.Random(seed)
     pool = [(d, e) for d in docs if getattr(d, "split", "train") == "train" for e in split_extracts(d.content or "", 250, 800)]
     rng.shuffle(pool); pool = pool[:pool_size]          # a limited pool: popular questions get asked more than once
@@ -376,7 +393,7 @@ def sim_requests(docs, evalsets: dict, n: int, *, rag_fraction: float = 0.5, eva
         elif kind == "eval": g = rng.choice(gold); q, ideal = g["question"], g.get("answer")
         else:
             d, e = rng.choice(pool)
-            q = template_instruction(d, e) if endpoint == "chat" else f"What have you written about {key_phrase(e)}?"
+            q = template_instruction(d, e) if endpoint == "chat" else reader_question(e)
             ideal = e
         out.append(dict(i=i, user=f"user-{rng.randrange(users)}", endpoint=endpoint, question=q, ideal=ideal, kind=kind))
     return out

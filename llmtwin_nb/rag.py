@@ -16,20 +16,21 @@ from pydantic import Field
 from .core import (ParamsError, Section, register_params, section_params, get_paths, resolve_model,
                              load_embedder, model_fingerprint, make_backend, hardware_info, write_json,
                              seed_everything, pick_device)
+from .data import load_documents
+
 
 # %% auto #0
 __all__ = ['Strategy', 'DOC_FIELDS', 'STOP', 'SPARSE', 'BM25_K1', 'BM25_B', 'BM25_AVG_TERMS', 'PLATFORM_WORDS', 'FILTER_FIELDS',
-           'SOURCE_PHRASE', 'GENERIC', 'CONFIGS', 'RagParams', 'cpu_threads', 'author_docs', 'load_docs', 'Chunk',
-           'split_blocks', 'split_sentences', 'n_tokens', 'chunk_tokens', 'pack_sentences', 'chunk_text', 'chunk_id',
-           'heading_at', 'chunk_document', 'EmbeddingCache', 'embed_texts', 'lexical_terms', 'term_id',
-           'sparse_doc_vector', 'sparse_query_vector', 'IndexNotFoundError', 'IndexLockedError', 'open_qdrant',
-           'has_sparse', 'ensure_collection', 'indexed_ids', 'SyncReport', 'sync_index', 'build_index',
-           'UnknownFilterError', 'rule_filters', 'llm_filters', 'check_filters', 'keyword_variant', 'statement_variant',
-           'expand_query', 'CrossEncoderReranker', 'LexicalReranker', 'Hit', 'QueryError', 'is_embedded', 'rrf_fuse',
-           'bm25_idf', 'LocalIndex', 'Retriever', 'assemble_context', 'resolve_sources', 'load_gold', 'ngrams',
-           'copied', 'good_question', 'key_terms', 'KeywordQuestions', 'llm_question', 'generate_questions',
-           'reranker_pairs', 'train_reranker', 'levenshtein_sim', 'context_precision', 'context_recall', 'rank_metrics',
-           'make_reranker']
+           'SOURCE_PHRASE', 'GENERIC', 'CONFIGS', 'RagParams', 'cpu_threads', 'load_docs', 'Chunk', 'split_blocks',
+           'split_sentences', 'n_tokens', 'chunk_tokens', 'pack_sentences', 'chunk_text', 'chunk_id', 'heading_at',
+           'chunk_document', 'EmbeddingCache', 'embed_texts', 'lexical_terms', 'term_id', 'sparse_doc_vector',
+           'sparse_query_vector', 'IndexNotFoundError', 'IndexLockedError', 'open_qdrant', 'has_sparse',
+           'ensure_collection', 'indexed_ids', 'SyncReport', 'sync_index', 'build_index', 'UnknownFilterError',
+           'rule_filters', 'llm_filters', 'check_filters', 'keyword_variant', 'statement_variant', 'expand_query',
+           'CrossEncoderReranker', 'LexicalReranker', 'Hit', 'QueryError', 'is_embedded', 'rrf_fuse', 'bm25_idf',
+           'LocalIndex', 'Retriever', 'assemble_context', 'resolve_sources', 'load_gold', 'ngrams', 'copied',
+           'good_question', 'key_terms', 'KeywordQuestions', 'llm_question', 'generate_questions', 'reranker_pairs',
+           'train_reranker', 'levenshtein_sim', 'context_precision', 'context_recall', 'rank_metrics', 'make_reranker']
 
 # %% ../nbs/02_rag.ipynb #72357fbf
 Strategy = Literal["token", "sentence", "semantic"]
@@ -40,6 +41,7 @@ class RagParams(Section):
     qdrant_url: Optional[str] = Field(None, pattern=r"^https?://", description="a Qdrant server instead of the embedded folder")
     collection: str = Field("chunks", pattern=r"^[A-Za-z0-9_\-]+$")
     embed_cache: str = Field("artifacts/embcache", min_length=1, description="sqlite cache of embeddings keyed by chunk hash")
+    llm_cache: str = Field("artifacts/llm_cache/rag", min_length=1, description="LLM response cache of this stage (a persisted DVC output: pulled with the index, a rerun replays the same answers)")
     embed_batch_size: int = Field(32, gt=0, le=1024)
     chunk_post: Strategy = "token"
     chunk_article: Strategy = "sentence"
@@ -102,31 +104,10 @@ def cpu_threads(n: int):
 DOC_FIELDS = ("id", "author", "author_id", "platform", "kind", "title", "url", "published_at", "content",
               "content_hash", "metadata", "split")
 
-def author_docs(docs: list[dict], author: str) -> list[dict]:
-    "Only `author`'s documents (the twin's); a clear error naming the authors present when there are none."
-    mine = [d for d in docs if d.get("author") == author]
-    if not mine:
-        have = dict(Counter(d.get("author") for d in docs))
-        raise ValueError(f"no documents by {author!r} (data.author) in the warehouse, which holds {have or 'no documents'}: "
-                         "set data.author to one of these authors, or add that author's exports to data.sources and rerun "
-                         "the data stage (dvc repro data)")
-    return mine
+def load_docs(path: str | Path | None = None, status: str | None = "active", author: str | None = None) -> list[dict]:
+    "The warehouse's documents as plain dicts: `llmtwin_nb.data.load_documents` (only `author`'s when given, a clear error when there are none)."
+    return [{k: getattr(d, k) for k in DOC_FIELDS} for d in load_documents(path, status=status, author=author)]
 
-def load_docs(path: str | Path | None = None, status: str = "active", author: str | None = None) -> list[dict]:
-    "The warehouse's documents as plain dicts (via `llmtwin_nb.data.load_documents`); only `author`'s when given."
-    try: from llmtwin_nb.data import load_documents
-    except ImportError:                                               # chapter 01 not installed: read the parquet
-        import pandas as pd
-        p = Path(path or get_paths().artifacts/"warehouse"/"documents.parquet")
-        if not p.exists(): raise FileNotFoundError(f"no warehouse at {p}: run `dvc repro data` first") from None
-        df = pd.read_parquet(p)
-        load_documents = lambda path, status: [r for r in df.to_dict("records") if status is None or r["status"] == status]
-    out = []
-    for d in load_documents(path, status=status):
-        d = d.model_dump() if hasattr(d, "model_dump") else dict(d)
-        if isinstance(d.get("metadata"), str): d["metadata"] = json.loads(d["metadata"] or "{}")
-        out.append({k: d.get(k) for k in DOC_FIELDS})
-    return author_docs(out, author) if author is not None else out
 
 # %% ../nbs/02_rag.ipynb #242639c2
 _SENT = re.compile(r"(?<=[.!?;:])\s+(?=[\"“‘(\[A-Z0-9€£$-])")
@@ -362,9 +343,17 @@ def has_sparse(client, name: str) -> bool:
     "Whether the collection holds the BM25 sparse vectors (an index built before hybrid search does not)."
     return SPARSE in (client.get_collection(name).config.params.sparse_vectors or {})
 
-def ensure_collection(client, name: str, dim: int):
-    "Create the collection (dense vectors, dot product + BM25 sparse vectors with Qdrant's IDF modifier) unless it exists."
+def ensure_collection(client, name: str, dim: int, recreate: bool = False):
+    """Create the collection (dense vectors, dot product + BM25 sparse vectors with Qdrant's IDF modifier) unless it exists.
+    One of another vector size or without the sparse vectors is refused, or with `recreate` dropped and made again
+    (a persisted index after the embedder changed: its points are all stale anyway, their ids hold the embedder)."""
     from qdrant_client import models
+    if client.collection_exists(name) and recreate:
+        info = client.get_collection(name).config.params
+        if info.vectors.size != dim or SPARSE not in (info.sparse_vectors or {}):
+            print(f"collection {name!r}: {info.vectors.size}-d vectors{'' if SPARSE in (info.sparse_vectors or {}) else ', no sparse vectors'}; "
+                  f"the embedder makes {dim}-d ones: recreating it")
+            client.delete_collection(name)
     if client.collection_exists(name):
         have = client.get_collection(name).config.params.vectors.size
         if have != dim: raise ValueError(f"collection {name!r} holds {have}-d vectors but the embedder makes {dim}-d ones; "
@@ -401,11 +390,11 @@ class SyncReport:
     seconds: float = 0.0
 
 def sync_index(client, name: str, chunks: list[Chunk], embedder, cache: EmbeddingCache | None = None,
-               batch_size: int = 32, upsert_batch: int = 256) -> SyncReport:
+               batch_size: int = 32, upsert_batch: int = 256, recreate: bool = False) -> SyncReport:
     "Make the collection hold exactly `chunks`: delete stale points, upsert missing ones, touch nothing else."
     from qdrant_client import models
     t0 = time.time()
-    ensure_collection(client, name, embedder.get_embedding_dimension())
+    ensure_collection(client, name, embedder.get_embedding_dimension(), recreate)
     have = indexed_ids(client, name)
     want = {c.id: c for c in chunks}
     if len(want) != len(chunks): raise ValueError("duplicate chunk ids: two chunks with the same document, position and text")
@@ -423,13 +412,17 @@ def sync_index(client, name: str, chunks: list[Chunk], embedder, cache: Embeddin
 def build_index(docs: list[dict], cfg: RagParams, embedder, root: Path | None = None, log=print, author: str | None = None) -> SyncReport:
     "Chunk `docs` (only `author`'s when given: the twin's) and sync them into the configured Qdrant collection (folder or server)."
     root = Path(root or get_paths().root)
-    if author is not None: docs = author_docs(docs, author)
+    if author is not None:
+        mine = [d for d in docs if d.get("author") == author]
+        if not mine: raise ValueError(f"none of the {len(docs)} documents given is by {author!r}: set data.author to an author of the "
+                                      "warehouse (load_docs(author=...) names them)")
+        docs = mine
     model_fp = _embedder_fp(embedder)
     chunks = [c for d in docs for c in chunk_document(d, cfg, embedder.tokenizer, embedder, model_fp)]
     cache = EmbeddingCache(root/cfg.embed_cache, model_fp)
     try:
         with open_qdrant(None if cfg.qdrant_url else root/cfg.qdrant_path, cfg.qdrant_url) as client:
-            rep = sync_index(client, cfg.collection, chunks, embedder, cache, cfg.embed_batch_size)
+            rep = sync_index(client, cfg.collection, chunks, embedder, cache, cfg.embed_batch_size, recreate=True)   # a persisted folder
     finally: cache.close()
     log(f"index sync: {rep}")
     return rep

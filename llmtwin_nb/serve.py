@@ -14,21 +14,21 @@ from typing import Any, Callable, Literal, Optional, Protocol, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .core import (BackendError, ChatResult, OpenAIChatBackend, ParamsError, Section, get_paths,
+from .core import (BackendError, ChatResult, OpenAIChatBackend, ParamsError, Section, UpstreamError, get_paths,
                              hardware_info, load_embedder, load_llm, load_params, pick_device, register_params,
                              section_params, seed_everything, write_json)
 
 log = logging.getLogger("llmtwin_nb.serve")
 
 # %% auto #0
-__all__ = ['log', 'FEEDBACK_FILE', 'TRAINED_MODELS', 'INJECTION_PATTERNS', 'THUMBS', 'parse_weights', 'parse_variants',
-           'ServeParams', 'resolve_serve_model', 'Source', 'Retriever', 'assemble_context', 'EmbeddingRetriever',
-           'RagRetriever', 'load_retriever', 'reader_questions', 'PromptTemplate', 'PromptRegistry', 'cited_numbers',
-           'find_injection', 'Tracer', 'LogRead', 'FeedbackLog', 'TraceIndex', 'read_traces', 'normalize_rating',
-           'FeedbackIn', 'QueueFull', 'GenJob', 'CharTokenizer', 'BatchEngine', 'assign_variant', 'ABRouter',
-           'ApiError', 'TextPart', 'ChatMessage', 'ChatRequest', 'RagRequest', 'invalid_text', 'parse_body',
-           'BodyLimit', 'Variant', 'Prepared', 'ServeState', 'StreamMasker', 'create_app', 'ServerThread', 'main',
-           'load_test']
+__all__ = ['log', 'FEEDBACK_FILE', 'TRAINED_MODELS', 'INJECTION_PATTERNS', 'THUMBS', 'LATENCY_BUCKETS', 'parse_weights',
+           'parse_variants', 'ServeParams', 'resolve_serve_model', 'repo_relative', 'Source', 'Retriever',
+           'assemble_context', 'EmbeddingRetriever', 'RagRetriever', 'load_retriever', 'reader_question',
+           'reader_questions', 'PromptTemplate', 'PromptRegistry', 'cited_numbers', 'find_injection', 'Tracer',
+           'LogRead', 'FeedbackLog', 'TraceIndex', 'read_traces', 'normalize_rating', 'FeedbackIn', 'QueueFull',
+           'GenJob', 'CharTokenizer', 'BatchEngine', 'assign_variant', 'ABRouter', 'ApiError', 'TextPart',
+           'ChatMessage', 'ChatRequest', 'RagRequest', 'invalid_text', 'parse_body', 'BodyLimit', 'ServeMetrics',
+           'Variant', 'Prepared', 'ServeState', 'StreamMasker', 'create_app', 'ServerThread', 'main', 'load_test']
 
 # %% ../nbs/07_serving.ipynb #8b6e29fc
 def parse_weights(spec: str | dict, what: str = "serve.split") -> dict[str, float]:
@@ -94,6 +94,17 @@ class ServeParams(Section):
     chat_template: str = Field("twin_chat", pattern=r"^[a-z0-9_]+(@v[0-9]+)?$",
                                description="template of chat requests that bring no system message: the twin's training-time system "
                                            "prompt, its {author} filled with data.author")
+    fallback_model: Optional[str] = Field(None, min_length=1, description="a model reference (loaded in this process, as serve.model) that "
+                                          "answers when a variant's model fails or passes serve.variant_timeout_s; null: no fallback")
+    variant_timeout_s: Optional[float] = Field(None, gt=0, description="seconds a variant may take to answer (a stream: to send its first "
+                                               "piece) before serve.fallback_model answers instead; null: no limit")
+    upstream_timeout_s: float = Field(60, gt=0, description="openai backend: HTTP timeout of one upstream attempt (a stream: between pieces)")
+    upstream_max_retries: int = Field(3, ge=0, le=10, description="openai backend: retries of a failed upstream call (429, 5xx, timeouts) "
+                                      "before its error (and status) is passed on")
+    prices: dict[str, list[float]] = Field(default_factory=lambda: {"default": [0.01, 0.2]},
+                                           description="USD per million [prompt, completion] tokens by model reference (as traced), "
+                                                       "`default` for the rest; self-hosted: its compute (a 2-vCPU VM at ~$0.07/h "
+                                                       "generating ~100 tok/s batched is ~$0.2 per million completion tokens)")
     load_requests: int = Field(56, ge=1)
     load_concurrency: int = Field(8, ge=1)
     load_max_tokens: int = Field(16, gt=0)
@@ -106,6 +117,10 @@ class ServeParams(Section):
             raise ValueError("backend openai needs serve.base_url and serve.upstream_model")
         if Path(self.trace_path).name == FEEDBACK_FILE:
             raise ValueError(f"trace_path may not be named {FEEDBACK_FILE}: the feedback log is written next to the trace log under that name")
+        if self.variant_timeout_s is not None and not self.fallback_model:
+            raise ValueError("variant_timeout_s needs serve.fallback_model: the model that answers when a variant is too slow")
+        bad = {k: v for k, v in self.prices.items() if len(v) != 2 or not all(math.isfinite(x) and x >= 0 for x in v)}
+        if bad: raise ValueError(f"serve.prices: each entry is [prompt, completion] USD per million tokens (two numbers >= 0), got {bad}")
         v = self.variant_refs()
         if self.split is not None and set(parse_weights(self.split)) != set(v):
             raise ValueError(f"serve.split names {sorted(parse_weights(self.split))} must match serve.variants names {sorted(v)}")
@@ -115,6 +130,11 @@ class ServeParams(Section):
         "name -> model reference of every variant served (`{'main': serve.model}` unless serve.variants is set)."
         if self.variants: return parse_variants(self.variants)
         return {"main": self.upstream_model if self.backend == "openai" else self.model}
+
+    def cost_usd(self, model_ref: str, prompt_tokens: int, completion_tokens: int) -> float | None:
+        "What a request cost at serve.prices (the model's entry, else `default`); None when neither is priced."
+        p = self.prices.get(model_ref) or self.prices.get("default")
+        return None if p is None else round((prompt_tokens * p[0] + completion_tokens * p[1]) / 1e6, 10)
 
     def weights(self) -> dict[str, float]:
         "name -> share of the traffic (equal shares unless serve.split is set)."
@@ -133,6 +153,13 @@ def resolve_serve_model(model: str = "auto", fallback: str = "packaged:smollm2-1
     for d in TRAINED_MODELS:
         if (root/d/"config.json").exists(): return str(root/d)
     return fallback
+
+def repo_relative(ref: str, root: str | Path | None = None) -> str:
+    "A model reference as results and traces record it: a path inside the repository relative to its root (the same on any clone)."
+    p = Path(ref)
+    if not p.is_absolute(): return ref
+    try: return p.resolve().relative_to(Path(root or get_paths().root).resolve()).as_posix()
+    except ValueError: return ref
 
 # %% ../nbs/07_serving.ipynb #ea2b8eb3
 @dataclasses.dataclass
@@ -255,20 +282,23 @@ def load_retriever(index_path: str | Path, embedder_ref: str = "packaged:minilm"
 
 
 # %% ../nbs/07_serving.ipynb #d1fa7a1b
-def reader_questions(docs, n: int = 8, seed: int = 0) -> list[dict]:
-    "`n` questions `{question, doc_id, title}` a reader could ask about `docs`: the key words of each one's opening extract (prose first)."
-    from llmtwin_nb.sft import key_phrase, split_extracts
-    if n < 1: raise ValueError(f"n must be >= 1, got {n}")
-    usable = sorted((d for d in docs if (d.content or "").strip()), key=lambda d: d.id)
-    pool = [d for d in usable if getattr(d, "kind", None) != "repository"] or usable
-    if not pool: raise ValueError("no document with text to ask about: the twin has no documents in the warehouse (run `dvc repro data`)")
-    random.Random(seed).shuffle(pool)
-    out = []
-    for d in pool[:n]:
-        extract = (split_extracts(d.content, 250, 800) or [d.content])[0]
-        out.append(dict(question=f"What have you written about {key_phrase(extract)}?", doc_id=d.id, title=d.title))
-    return out
+def reader_question(extract: str) -> str:
+    "How a reader asks about a passage: its key words in a question (the one phrasing the serving and MLOps chapters use)."
+    from llmtwin_nb.sft import key_phrase
+    return f"What have you written about {key_phrase(extract)}?"
 
+def reader_questions(docs, n: int | None = 8, seed: int = 0, *, split: str | None = None, per_doc: int = 1) -> list[dict]:
+    """`n` (None: all) questions `{question, doc_id, title}` a reader could ask about `docs`: the key words of the first
+    `per_doc` extracts of each (prose first); `split`: only documents of that split (e.g. `test`: held out of training)."""
+    from llmtwin_nb.sft import split_extracts
+    if n is not None and n < 1: raise ValueError(f"n must be >= 1 (or None: all), got {n}")
+    usable = sorted((d for d in docs if (d.content or "").strip() and (split is None or getattr(d, "split", "train") == split)), key=lambda d: d.id)
+    pool = [d for d in usable if getattr(d, "kind", None) != "repository"] or usable
+    if not pool: raise ValueError(f"no {split + '-split ' if split else ''}document with text to ask about: the twin has none in the "
+                                  "warehouse (run `dvc repro data`)")
+    random.Random(seed).shuffle(pool)
+    return [dict(question=reader_question(e), doc_id=d.id, title=d.title)
+            for d in pool[:n] for e in (split_extracts(d.content, 250, 800) or [d.content])[:per_doc]]
 
 # %% ../nbs/07_serving.ipynb #1b33d4e8
 class PromptTemplate(BaseModel):
@@ -526,6 +556,8 @@ class BatchEngine:
         self._stop = threading.Event(); self._thread = None
         self.fail_next = 0
         self.stats = Counter(); self.batch_sizes = Counter(); self.batch_seconds = 0.0
+        self.on_batch: Callable[[int, float], None] | None = None     # called with (batch size, seconds) after each batch (metrics)
+        self._pool = None                     # openai backend: one thread per request in flight (created on first use)
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> "BatchEngine":
@@ -536,6 +568,7 @@ class BatchEngine:
     def stop(self):
         self._stop.set()
         if self._thread: self._thread.join(timeout=30)
+        if self._pool: self._pool.shutdown(wait=False, cancel_futures=True)
     @property
     def inflight(self) -> int: return self._inflight
 
@@ -580,7 +613,7 @@ class BatchEngine:
         try: first = self._next(0.1)
         except queue.Empty: return None
         batch = [first]
-        if first.on_text is not None or self.max_batch_size == 1: return batch
+        if first.on_text is not None or self.max_batch_size == 1 or self.backend is not None: return batch   # remote: goes out at once
         wait = self.batch_wait_ms / 1000
         cap, skipped = time.monotonic() + 5 * wait, []   # wait `wait` after each arrival, 5x `wait` at most
         while len(batch) < self.max_batch_size:
@@ -601,6 +634,10 @@ class BatchEngine:
             if not batch: continue
             batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
             if not batch: continue
+            if self.backend is not None:          # a remote server batches on its side: never wait for another request's answer
+                if self._pool is None: self._pool = cf.ThreadPoolExecutor(self.max_queue, thread_name_prefix="llmtwin-upstream")
+                for j in batch: self._pool.submit(self._remote, j)
+                continue
             t0 = time.perf_counter()
             try:
                 results = self._generate(batch)
@@ -610,18 +647,36 @@ class BatchEngine:
                 for j in batch: j.future.set_exception(e)
                 continue
             dt = time.perf_counter() - t0
-            self.stats["batches"] += 1; self.stats["requests"] += len(batch); self.batch_sizes[len(batch)] += 1; self.batch_seconds += dt
+            self._count(len(batch), dt)
             for j, r in zip(batch, results): r.seconds = dt; j.future.set_result(r)
+
+    def _count(self, size: int, dt: float):
+        with self._lock: self.stats["batches"] += 1; self.stats["requests"] += size; self.batch_sizes[size] += 1; self.batch_seconds += dt
+        if self.on_batch: self.on_batch(size, dt)
+
+    def _remote(self, j: GenJob):
+        "One request to the OpenAI-compatible upstream; a stream passes each piece on as it arrives (`backend.stream`)."
+        t0 = time.perf_counter()
+        try:
+            with self._lock:
+                fail, self.fail_next = self.fail_next > 0, max(0, self.fail_next - 1)
+            if fail: raise RuntimeError("injected generation failure (BatchEngine.fail_next)")
+            kw = dict(max_new_tokens=j.max_new_tokens, temperature=j.temperature)
+            if j.on_text and hasattr(self.backend, "stream"): r = self.backend.stream(j.messages, j.on_text, **kw)
+            else:
+                r = self.backend.chat(j.messages, **kw)
+                if j.on_text and r.text: j.on_text(r.text)
+        except Exception as e:
+            log.warning("upstream request failed: %s: %s", type(e).__name__, e)
+            with self._lock: self.stats["failed_batches"] += 1
+            j.future.set_exception(e); return
+        r.seconds = time.perf_counter() - t0
+        self._count(1, r.seconds); j.future.set_result(r)
 
     def _generate(self, jobs: list[GenJob]) -> list[ChatResult]:
         if self.fail_next > 0:
             self.fail_next -= 1
             raise RuntimeError("injected generation failure (BatchEngine.fail_next)")
-        if self.backend is not None:            # a remote OpenAI-compatible server batches on its side
-            results = list(_POOL.map(lambda j: self.backend.chat(j.messages, max_new_tokens=j.max_new_tokens, temperature=j.temperature), jobs))
-            for j, r in zip(jobs, results):
-                if j.on_text and r.text: j.on_text(r.text)
-            return results
         import torch
         texts = [self.tok.apply_chat_template(j.messages, add_generation_prompt=True, tokenize=False) for j in jobs]
         enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
@@ -644,7 +699,6 @@ class BatchEngine:
                                       len(toks) + (stop is not None), finish))
         return results
 
-_POOL = cf.ThreadPoolExecutor(max_workers=16, thread_name_prefix="llmtwin-upstream")
 
 # %% ../nbs/07_serving.ipynb #088dae0c
 def assign_variant(key: str, variants: dict[str, float] | str, salt: str = "") -> str:
@@ -677,7 +731,7 @@ class ABRouter:
 # %% ../nbs/07_serving.ipynb #26329ade
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 class ApiError(Exception):
     "An error answered in OpenAI's shape: `{'error': {'message', 'type', 'param', 'code'}}`."
@@ -708,6 +762,7 @@ class ChatRequest(_Strict):
     max_completion_tokens: Optional[int] = Field(None, ge=1)
     temperature: float = Field(0.0, ge=0, le=2)
     stream: bool = False
+    stream_options: Optional[dict[str, Any]] = None     # {"include_usage": true}: a last chunk with the token counts
     n: int = Field(1, ge=1)
     user: Optional[str] = None
 
@@ -790,6 +845,56 @@ class BodyLimit:
             return await receive()
         return await self.app(scope, replay, send)
 
+# %% ../nbs/07_serving.ipynb #7e1c0a02
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
+_ENDPOINTS = {"/v1/chat/completions": "chat", "/rag": "rag", "/feedback": "feedback"}
+
+class ServeMetrics:
+    "The service's Prometheus metrics in a registry of its own; `observe(trace)` per request, `text()` is what GET /metrics answers."
+    def __init__(self):
+        from prometheus_client import CollectorRegistry, Counter as C, Gauge, Histogram
+        self.registry = r = CollectorRegistry()
+        L = ["endpoint", "variant", "prompt_version"]
+        self.requests = C("llmtwin_requests", "Requests answered, by HTTP status", L + ["status"], registry=r)
+        self.errors = C("llmtwin_errors", "Requests answered with an error (HTTP status >= 400), by error code", L + ["code"], registry=r)
+        self.latency = Histogram("llmtwin_request_latency_seconds", "Time to the whole answer", L, registry=r, buckets=LATENCY_BUCKETS)
+        self.ttft = Histogram("llmtwin_time_to_first_token_seconds", "Streamed answers: time to the first piece", L, registry=r,
+                              buckets=LATENCY_BUCKETS)
+        self.tokens_in = C("llmtwin_prompt_tokens", "Prompt tokens", ["variant", "prompt_version"], registry=r)
+        self.tokens_out = C("llmtwin_completion_tokens", "Completion tokens", ["variant", "prompt_version"], registry=r)
+        self.cost = C("llmtwin_cost_usd", "Cost at serve.prices, by the model that answered", ["variant", "model"], registry=r)
+        self.fallbacks = C("llmtwin_fallbacks", "Requests answered by serve.fallback_model", ["variant", "reason"], registry=r)
+        self.queue = Gauge("llmtwin_queue_depth", "Requests queued or running", ["variant"], registry=r)
+        self.batch = Histogram("llmtwin_batch_size", "Requests per generate call (openai backend: 1, the upstream batches)", ["variant"],
+                               registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+
+    def watch(self, name: str, engine: "BatchEngine"):
+        "Export `engine`'s queue depth and batch sizes as variant `name`."
+        self.queue.labels(name).set_function(lambda: engine.inflight)
+        engine.on_batch = lambda size, dt: self.batch.labels(name).observe(size)
+
+    def observe(self, rec: dict):
+        "Count one request from its trace record."
+        lab = dict(endpoint=rec.get("endpoint") or "", variant=rec.get("variant") or "", prompt_version=rec.get("template_id") or "")
+        status = int(rec.get("status") or 200)
+        self.requests.labels(**lab, status=str(status)).inc()
+        if status >= 400: self.errors.labels(**lab, code=rec.get("error_code") or str(status)).inc()
+        if rec.get("latency_ms") is not None: self.latency.labels(**lab).observe(rec["latency_ms"] / 1000)
+        if rec.get("ttft_ms") is not None: self.ttft.labels(**lab).observe(rec["ttft_ms"] / 1000)
+        v = dict(variant=lab["variant"], prompt_version=lab["prompt_version"])
+        if rec.get("prompt_tokens"): self.tokens_in.labels(**v).inc(rec["prompt_tokens"])
+        if rec.get("completion_tokens"): self.tokens_out.labels(**v).inc(rec["completion_tokens"])
+        if rec.get("cost_usd"): self.cost.labels(variant=lab["variant"], model=rec.get("answered_by") or "").inc(rec["cost_usd"])
+        if rec.get("fallback"): self.fallbacks.labels(variant=lab["variant"], reason=rec["fallback"]["reason"]).inc()
+
+    def refused(self, path: str, status: int, code: str | None):
+        "A request refused before it reached a variant (validation, auth, limits): no variant, no prompt version."
+        self.observe(dict(endpoint=_ENDPOINTS.get(path, path), status=status, error_code=code))
+
+    def text(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
 # %% ../nbs/07_serving.ipynb #40065f4f
 @dataclasses.dataclass
 class Variant:
@@ -814,8 +919,12 @@ class Prepared:
 
 class ServeState:
     def __init__(self, cfg: ServeParams, variants: dict[str, Variant], retriever: Retriever | None, tracer: Tracer,
-                 prompts: PromptRegistry, feedback: FeedbackLog | None = None, index_error: str | None = None, author: str | None = None):
+                 prompts: PromptRegistry, feedback: FeedbackLog | None = None, index_error: str | None = None, author: str | None = None,
+                 fallback: Variant | None = None, metrics: ServeMetrics | None = None):
         self.cfg, self.variants, self.retriever, self.tracer, self.prompts = cfg, dict(variants), retriever, tracer, prompts
+        self.fallback = fallback                   # serve.fallback_model's engine: answers when a variant fails or is too slow
+        self.metrics = metrics or ServeMetrics()
+        for n, v in [*self.variants.items(), *([("fallback", fallback)] if fallback else [])]: self.metrics.watch(n, v.engine)
         self.ab = ABRouter(self.variants, cfg.weights(), cfg.ab_salt)
         self.rag_template = prompts.get(cfg.rag_template)
         self.author = author                       # data.author: whom the twin speaks as (None: no system prompt is added)
@@ -923,8 +1032,9 @@ class ServeState:
         return Prepared(msgs, texts[0], sources, n, max_new_tokens, temperature, {**flags, "injection_in_sources": ctx_flags},
                         variant, self.rag_template.template_id, user)
 
-    def submit(self, p: Prepared, on_text=None) -> cf.Future:
-        engine = p.variant.engine if p.variant else self.engine
+    def submit(self, p: Prepared, on_text=None, engine: BatchEngine | None = None) -> cf.Future:
+        "Queue `p` on its variant's engine (or `engine`: the fallback's); `ApiError(429)` when that queue is full."
+        engine = engine or (p.variant.engine if p.variant else self.engine)
         try: return engine.submit(p.messages, p.max_new_tokens, p.temperature, on_text)
         except QueueFull as e:
             ra = engine.retry_after_s()
@@ -938,9 +1048,15 @@ class ServeState:
         return text, dict(n)
 
     def trace(self, trace_id: str, endpoint: str, model: str, t0: float, p: Prepared | None = None, answer: str | None = None,
-              r: ChatResult | None = None, status: int = 200, error: str | None = None, flags: dict | None = None):
+              r: ChatResult | None = None, status: int = 200, error: str | None = None, flags: dict | None = None,
+              fallback: dict | None = None, ttft_s: float | None = None, code: str | None = None):
+        "Write the request's trace record (tokens, cost, fallback, latency) and count it in the metrics."
         v = p.variant if p and p.variant else None
         user = p.user if p else None
+        answered_by = (fallback or {}).get("model") or (v.model_ref if v else self.model_ref)
+        ptok = (r.prompt_tokens if r and r.prompt_tokens else p.prompt_tokens if p else 0)      # the engine's count (upstream: its usage)
+        ctok = r.completion_tokens if r else 0
+        cost = self.cfg.cost_usd(answered_by, ptok, ctok) if r else 0.0                            # a failed request is not billed
         if user and self.cfg.pii_mask: user = mask_pii(user)[0]
         rec = dict(trace_id=trace_id, ts=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), endpoint=endpoint, model=model,
                    variant=v.name if v else None, backend_model=v.model_ref if v else self.model_ref, user=user,
@@ -948,11 +1064,13 @@ class ServeState:
                    question=p.question if p else None, retrieved_ids=[s.id for s in p.sources] if p else [],
                    retrieved_doc_ids=[s.doc_id for s in p.sources] if p else [],
                    prompt=(v.engine if v else self.engine).prompt_text(p.messages) if p else None, answer=answer,
-                   latency_ms=round((time.perf_counter() - t0) * 1000, 1),
-                   prompt_tokens=p.prompt_tokens if p else 0, completion_tokens=r.completion_tokens if r else 0,
-                   finish_reason=r.finish_reason if r else None, status=status, error=error, flags={**(p.flags if p else {}), **(flags or {})})
+                   latency_ms=round((time.perf_counter() - t0) * 1000, 1), ttft_ms=round(ttft_s * 1000, 1) if ttft_s is not None else None,
+                   prompt_tokens=ptok, completion_tokens=ctok, cost_usd=cost, answered_by=answered_by, fallback=fallback,
+                   finish_reason=r.finish_reason if r else None, status=status, error=error, error_code=code,
+                   flags={**(p.flags if p else {}), **(flags or {})})
         try: self.tracer.write(rec)
         except OSError: log.exception("could not write the trace %s", trace_id)
+        self.metrics.observe(rec)
 
     def store_feedback(self, fb: FeedbackIn) -> dict:
         "Check the trace id, mask PII in the free text, append to the feedback log; the stored record."
@@ -1006,7 +1124,7 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        t0, variants = time.time(), {}
+        t0, variants, fallback = time.time(), {}, None
         loaded = dict(models or {})
         if model is not None: loaded[resolve_serve_model(cfg.model, models_llm, root)] = (model, tokenizer)
         given, used = set(loaded), set()
@@ -1015,7 +1133,8 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
             for name, vref in cfg.variant_refs().items():
                 if cfg.backend == "openai":
                     ref = vref
-                    engine = BatchEngine(backend=OpenAIChatBackend(cfg.base_url, ref, seed=seed), **ekw)
+                    engine = BatchEngine(backend=OpenAIChatBackend(cfg.base_url, ref, timeout_s=cfg.upstream_timeout_s,
+                                                                   max_retries=cfg.upstream_max_retries, seed=seed), **ekw)
                 else:
                     ref = resolve_serve_model(vref, models_llm, root)
                     if ref not in loaded: loaded[ref] = await asyncio.to_thread(load_llm, ref, device, dtype)
@@ -1023,31 +1142,44 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
                     if ref in used or ref in given: t = copy.deepcopy(t)     # one tokenizer per engine: each worker pads with its own
                     used.add(ref)
                     engine = BatchEngine(m, t, **ekw)
-                variants[name] = Variant(name, str(ref), engine.start())
+                variants[name] = Variant(name, repo_relative(str(ref), root), engine.start())
+            if cfg.fallback_model:                                   # always a model in this process: it answers when the engine fails
+                ref = resolve_serve_model(cfg.fallback_model, models_llm, root)
+                if ref not in loaded: loaded[ref] = await asyncio.to_thread(load_llm, ref, device, dtype)
+                m, t = loaded[ref]
+                if ref in used or ref in given: t = copy.deepcopy(t)
+                used.add(ref)
+                fallback = Variant("fallback", repo_relative(ref, root), BatchEngine(m, t, **ekw).start())
             r, err = retriever, None
             if r is None:
                 try: r = load_retriever(root/cfg.index_path, embedder, cfg.collection, cfg.reranker, device, root, author)
                 except Exception as e: err = str(e); log.warning("serving without retrieval: %s", e)
             trace_path = Path(cfg.trace_path) if Path(cfg.trace_path).is_absolute() else root/cfg.trace_path
-            app.state.serve = ServeState(cfg, variants, r, Tracer(trace_path), prompts, index_error=err, author=author)
+            app.state.serve = ServeState(cfg, variants, r, Tracer(trace_path), prompts, index_error=err, author=author, fallback=fallback)
         except BaseException:
-            for v in variants.values(): v.engine.stop()
+            for v in [*variants.values(), *([fallback] if fallback else [])]: v.engine.stop()
             raise
         log.info("llmtwin serve ready in %.1fs: %s, retrieval %s", time.time() - t0,
                  ", ".join(f"{n}={v.model_ref}" for n, v in variants.items()), "on" if r else f"off ({err})")
         yield
-        for v in variants.values(): v.engine.stop()
+        for v in [*variants.values(), *([fallback] if fallback else [])]: v.engine.stop()
         if retriever is None and r is not None: r.close()
 
     app = FastAPI(title="llmtwin", description="The LLM Twin as an OpenAI-compatible service", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
 
+    def refused(request, status: int, code: str | None):
+        if (s := getattr(request.app.state, "serve", None)) is not None: s.metrics.refused(request.url.path, status, code)
+
     @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError): return exc.response()
+    async def _api_error(request, exc: ApiError):
+        if not getattr(exc, "traced", False): refused(request, exc.status, exc.code)      # traced ones are counted with their trace
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc: RequestValidationError):
         msg, param = _explain_validation(exc.errors())
+        refused(request, 400, "invalid_request")
         return ApiError(400, msg, param=param, code="invalid_request").response()
 
     @app.exception_handler(Exception)
@@ -1069,23 +1201,69 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
                 "rejected": sum(x.stats["rejected"] for x in s.engines.values()), "batch_sizes": dict(e.batch_sizes),
                 "variants": {n: {"model": v.model_ref, "weight": round(w[n], 4), "assigned": s.ab.served[n], "requests": v.engine.stats["requests"],
                                  "batch_sizes": dict(v.engine.batch_sizes)} for n, v in s.variants.items()},
+                "fallback": s.fallback.model_ref if s.fallback else None, "variant_timeout_s": cfg.variant_timeout_s,
                 "rag_template": s.rag_template.template_id, "uptime_s": round(time.time() - s.started, 1)}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        "Prometheus text format (scrape it like any exporter)."
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(state(request).metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def list_models(request: Request):
         s = state(request); s.check_auth(request)
         return {"object": "list", "data": [{"id": m, "object": "model", "created": int(s.started), "owned_by": "llmtwin_nb"} for m in s.model_ids]}
 
-    async def run(s: ServeState, p: Prepared, trace_id: str, endpoint: str, model: str, t0: float) -> tuple[ChatResult, str]:
-        fut = s.submit(p)
-        try: r = await asyncio.wrap_future(fut)
-        except Exception as e:
-            s.trace(trace_id, endpoint, model, t0, p, status=500, error=f"{type(e).__name__}: {e}")
-            raise ApiError(500, f"generation failed ({type(e).__name__}: {e}); trace {trace_id}. The server is still up: retry",
-                           type="server_error", code="generation_failed", headers={"X-Trace-Id": trace_id, "X-Variant": p.variant.name}) from None
-        answer, pii_out = s.finish(r)
-        s.trace(trace_id, endpoint, model, t0, p, answer, r, flags={"pii_masked_out": pii_out})
-        return r, answer
+    def failed(s: ServeState, p: Prepared, e: Exception, trace_id: str, endpoint: str, model: str, t0: float,
+               fb: dict | None = None) -> ApiError:
+        "Trace a request nobody could answer; the error to send: the upstream's status (openai backend), else 500."
+        status, code = (e.status, "upstream_error") if isinstance(e, UpstreamError) else (500, "generation_failed")
+        s.trace(trace_id, endpoint, model, t0, p, status=status, error=f"{type(e).__name__}: {e}", fallback=fb, code=code)
+        err = ApiError(status, f"generation failed ({type(e).__name__}: {e}){' and the fallback failed too' if fb else ''}; trace {trace_id}. "
+                       "The server is still up: retry", type="server_error" if status >= 500 else "invalid_request_error", code=code,
+                       headers={"X-Trace-Id": trace_id, "X-Variant": p.variant.name, **fb_headers(fb)})
+        err.traced = True
+        return err
+
+    def fb_headers(fb: dict | None) -> dict:
+        return {"X-Fallback": fb["model"], "X-Fallback-Reason": fb["reason"]} if fb else {}
+
+    async def first(fut: cf.Future, q: asyncio.Queue | None, timeout: float | None):
+        "Whole answer (q None), or a stream's first piece (None: it ended without one); raises the engine's error or TimeoutError."
+        if q is None:
+            af = asyncio.wrap_future(fut)
+            try: return await asyncio.wait_for(asyncio.shield(af), timeout)
+            except TimeoutError:                                 # abandoned: its late result or error is nobody's
+                af.add_done_callback(lambda f: f.cancelled() or f.exception()); raise
+        item = await asyncio.wait_for(q.get(), timeout)
+        if item is None: fut.result()                            # raises if it failed
+        return item
+
+    async def answer(s: ServeState, p: Prepared, trace_id: str, endpoint: str, model: str, t0: float, stream: bool):
+        """Start `p` on its variant; if that fails (or passes serve.variant_timeout_s) before the answer (a stream: its first
+        piece), on the fallback model. `(future, piece queue, first result, fallback info)`; `ApiError` if nobody answers."""
+        loop, fb = asyncio.get_running_loop(), None
+        for engine in (p.variant.engine, s.fallback.engine if s.fallback else None):
+            q = asyncio.Queue() if stream else None
+            put = (lambda q: lambda t: loop.call_soon_threadsafe(q.put_nowait, t))(q) if stream else None
+            fut = s.submit(p, put, engine)
+            if stream: fut.add_done_callback(lambda f, put=put: put(None))
+            timeout = cfg.variant_timeout_s if fb is None and s.fallback else None
+            try: return fut, q, await first(fut, q, timeout), fb
+            except Exception as e:
+                if fb is not None or s.fallback is None: raise failed(s, p, e, trace_id, endpoint, model, t0, fb) from None
+                fut.cancel()                                     # still queued: it never runs (a running one is left to finish)
+                reason = "timeout" if isinstance(e, TimeoutError) else "error"
+                why = f"no answer within {cfg.variant_timeout_s} s" if reason == "timeout" else f"{type(e).__name__}: {e}"
+                fb = dict(reason=reason, error=why, model=s.fallback.model_ref, variant_model=p.variant.model_ref)
+                log.warning("variant %s (%s): %s; the fallback %s answers", p.variant.name, p.variant.model_ref, why, s.fallback.model_ref)
+
+    async def run(s: ServeState, p: Prepared, trace_id: str, endpoint: str, model: str, t0: float) -> tuple[ChatResult, str, dict | None]:
+        _, _, r, fb = await answer(s, p, trace_id, endpoint, model, t0, stream=False)
+        text, pii_out = s.finish(r)
+        s.trace(trace_id, endpoint, model, t0, p, text, r, flags={"pii_masked_out": pii_out}, fallback=fb)
+        return r, text, fb
 
     def body_doc(m): return {"requestBody": {"required": True, "content": {"application/json": {"schema": m.model_json_schema()}}}}
 
@@ -1104,31 +1282,44 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
                                     max_new, req.temperature, variant, key)
         cid, headers = f"chatcmpl-{trace_id}", {"X-Trace-Id": trace_id, "X-Variant": variant.name}
         if not req.stream:
-            r, answer = await run(s, p, trace_id, "chat", req.model, t0)
+            r, text, fb = await run(s, p, trace_id, "chat", req.model, t0)
             return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": r.finish_reason}],
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": r.finish_reason}],
                                  "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                                            "total_tokens": r.prompt_tokens + r.completion_tokens},
-                                 "sources": [dataclasses.asdict(x) | {"citation": f"[{x.n}]"} for x in p.sources] or None}, headers=headers)
-        loop, q = asyncio.get_running_loop(), asyncio.Queue()
-        fut = s.submit(p, on_text=lambda t: loop.call_soon_threadsafe(q.put_nowait, t))
-        fut.add_done_callback(lambda f: loop.call_soon_threadsafe(q.put_nowait, None))
+                                 "sources": [dataclasses.asdict(x) | {"citation": f"[{x.n}]"} for x in p.sources] or None},
+                                headers={**headers, **fb_headers(fb)})
+        # a stream: the status line waits for the first piece, so an engine that fails before answering is an HTTP error
+        # with its status (or the fallback's answer); after that, pieces go out as the engine (or the upstream) makes them
+        fut, q, piece, fb = await answer(s, p, trace_id, "chat.stream", req.model, t0, stream=True)
+        ttft = time.perf_counter() - t0 if piece is not None else None
+        usage = bool((req.stream_options or {}).get("include_usage"))
         async def events():
+            nonlocal piece
             masker = StreamMasker(cfg.pii_mask)
             yield _chunk(cid, created, req.model, {"role": "assistant", "content": ""})
-            while (piece := await q.get()) is not None:
+            while piece is not None:
                 if out := masker.feed(piece): yield _chunk(cid, created, req.model, {"content": out})
+                piece = await q.get()
             try: r = fut.result()
-            except Exception as e:
-                s.trace(trace_id, "chat.stream", req.model, t0, p, status=500, error=f"{type(e).__name__}: {e}")
+            except Exception as e:                               # it broke after the first piece: the status line is sent
+                status = e.status if isinstance(e, UpstreamError) else 500
+                s.trace(trace_id, "chat.stream", req.model, t0, p, status=status, error=f"{type(e).__name__}: {e}", fallback=fb,
+                        ttft_s=ttft, code="stream_broken")
                 yield "data: " + json.dumps({"error": {"message": f"generation failed ({e}); trace {trace_id}", "type": "server_error",
                                                        "param": None, "code": "generation_failed"}}) + "\n\n"
                 yield "data: [DONE]\n\n"; return
             if out := masker.feed("", final=True): yield _chunk(cid, created, req.model, {"content": out})
-            s.trace(trace_id, "chat.stream", req.model, t0, p, mask_pii(masker.raw)[0] if cfg.pii_mask else masker.raw, r)
+            s.trace(trace_id, "chat.stream", req.model, t0, p, mask_pii(masker.raw)[0] if cfg.pii_mask else masker.raw, r, fallback=fb,
+                    ttft_s=ttft)
             yield _chunk(cid, created, req.model, {}, r.finish_reason)
+            if usage:                                            # OpenAI's stream_options.include_usage: a last chunk with the counts
+                ptok = r.prompt_tokens or p.prompt_tokens
+                yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [],
+                                             "usage": {"prompt_tokens": ptok, "completion_tokens": r.completion_tokens,
+                                                       "total_tokens": ptok + r.completion_tokens}}) + "\n\n"
             yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers})
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers, **fb_headers(fb)})
 
     @app.post("/rag", openapi_extra=body_doc(RagRequest))
     async def rag_endpoint(request: Request):
@@ -1139,14 +1330,14 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
         trace_id = uuid.uuid4().hex
         variant, key = s.assign(req.user, request, trace_id)
         p = await asyncio.to_thread(s.prepare_rag, req.question, req.k, max_new, req.temperature, variant, key)
-        r, answer = await run(s, p, trace_id, "rag", f"{cfg.served_name}-rag", t0)
-        cited = cited_numbers(answer)
-        return JSONResponse({"answer": answer, "trace_id": trace_id, "model": variant.model_ref, "variant": variant.name, "template_id": p.template_id,
+        r, text, fb = await run(s, p, trace_id, "rag", f"{cfg.served_name}-rag", t0)
+        cited = cited_numbers(text)
+        return JSONResponse({"answer": text, "fallback": fb, "trace_id": trace_id, "model": variant.model_ref, "variant": variant.name, "template_id": p.template_id,
                              "sources": [{"citation": f"[{x.n}]", "cited": x.n in cited, "id": x.id, "doc_id": x.doc_id, "title": x.title,
                                           "url": x.url, "score": round(x.score, 4), "text": x.text} for x in p.sources],
                              "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
                              "guardrails": p.flags, "latency_ms": round((time.perf_counter() - t0) * 1000, 1)},
-                            headers={"X-Trace-Id": trace_id, "X-Variant": variant.name})
+                            headers={"X-Trace-Id": trace_id, "X-Variant": variant.name, **fb_headers(fb)})
 
     @app.post("/feedback", openapi_extra=body_doc(FeedbackIn))
     async def feedback(request: Request):

@@ -22,7 +22,8 @@ __all__ = ['SYSTEM_PROMPT', 'STOPWORDS', 'MAX_CODE_RATIO', 'SHOTS', 'BT_SYSTEM',
            'validate_instruction', 'key_phrase', 'template_instruction', 'book_messages', 'parse_pairs', 'chat_example',
            'example_tokens', 'build_instruct_dataset', 'load_mix_rows', 'dataset_version', 'write_dataset_card',
            'save_instruct_dataset', 'CheckpointMismatch', 'train_config', 'last_checkpoint', 'check_checkpoint',
-           'peak_memory_mb', 'train_sft', 'save_sft_outputs', 'curves', 'main']
+           'peak_memory_mb', 'process_rank', 'is_main_process', 'local_device', 'ddp_args', 'save_adapter', 'train_sft',
+           'save_sft_outputs', 'curves', 'main']
 
 # %% ../nbs/03_sft.ipynb #360eaf69
 SYSTEM_PROMPT = "You are {author}. Write in your own voice."   # the twin's system prompt (training and inference)
@@ -499,7 +500,7 @@ def _callbacks(config: dict):
     class SaveConfig(TrainerCallback):
         def on_save(self, args, state, control, **kw):
             d = Path(args.output_dir)/f"checkpoint-{state.global_step}"
-            if d.is_dir(): write_json(d/CONFIG_FILE, config)
+            if state.is_world_process_zero and d.is_dir(): write_json(d/CONFIG_FILE, config)   # the main process writes checkpoints
     return [Speed(), SaveConfig()]
 
 def peak_memory_mb(device: str) -> float:
@@ -508,12 +509,50 @@ def peak_memory_mb(device: str) -> float:
     if device == "cuda": return round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
+# %% ../nbs/03_sft.ipynb #5ea67a7d
+def process_rank() -> tuple[int, int, int]:
+    "`(rank, local_rank, world_size)` as set by a distributed launcher (accelerate, torchrun, deepspeed); `(0, 0, 1)` in a plain run."
+    env = lambda k, default: int(os.environ.get(k, default))
+    return env("RANK", 0), env("LOCAL_RANK", 0), env("WORLD_SIZE", 1)
+
+def is_main_process() -> bool:
+    "True in a plain run and on global rank 0 of a distributed one: the one process that writes shared files."
+    return process_rank()[0] == 0
+
+def local_device(device: str) -> str:
+    """The device this process loads its model on: on CUDA, the GPU of its local rank (`cuda:<i>`, made the current
+    device so a bare `.to("cuda")` lands there too); any other device unchanged."""
+    if device != "cuda": return device
+    import torch
+    from accelerate import PartialState
+    i = PartialState().local_process_index
+    torch.cuda.set_device(i)
+    return f"cuda:{i}"
+
+def ddp_args() -> dict:
+    "Extra TrainingArguments under a multi-process launch (none in a plain run): LoRA uses every adapted layer, so DDP need not search for unused ones (that search breaks with gradient checkpointing)."
+    return dict(ddp_find_unused_parameters=False) if process_rank()[2] > 1 else {}
+
+def save_adapter(trainer, folder: str | Path) -> bool:
+    """Save `trainer`'s trained adapter to `folder` once. Every process must call it: FSDP and DeepSpeed ZeRO-3 gather
+    the sharded weights together; only the main process writes. True on the main process."""
+    main = trainer.is_world_process_zero()
+    if trainer.is_fsdp_enabled: trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled: trainer.save_model(str(folder))
+    elif main: trainer.model.save_pretrained(str(folder))
+    if trainer.is_deepspeed_enabled:   # the merge loads a fresh base model: ZeRO-3 must not partition it any more
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+        unset_hf_deepspeed_config()
+    return main
+
 # %% ../nbs/03_sft.ipynb #8beb9bcc
 def _load_base(ref: str, cfg: SftParams, device: str, dtype: str):
     "Base model and tokenizer; 4-bit NF4 (QLoRA) when `cfg.quantization == '4bit'` (needs CUDA + bitsandbytes)."
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if cfg.quantization == "none": return load_llm(ref, device, dtype)
+    if cfg.quantization == "none":   # on CUDA `local_device` makes this process's GPU current; the Trainer moves the model there anyway
+        if device == "cuda": local_device(device)
+        return load_llm(ref, device, dtype)
     if device != "cuda": raise ParamsError("sft.quantization = '4bit' (QLoRA) needs a CUDA GPU; use quantization: none on a CPU")
     from transformers import BitsAndBytesConfig
     from peft import prepare_model_for_kbit_training
@@ -522,7 +561,7 @@ def _load_base(ref: str, cfg: SftParams, device: str, dtype: str):
     path = resolve_model(ref)
     tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token is None: tok.pad_token = tok.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": torch.cuda.current_device()})
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.bfloat16, device_map={"": local_device(device)})   # each process its own GPU (QLoRA weights cannot move after loading)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     return model, tok
 
@@ -555,11 +594,14 @@ def train_sft(train_ds, eval_ds, cfg: SftParams, base_model: str, *, data_versio
     config = train_config(cfg, base_model, data_version, seed)
     root = Path(checkpoint_dir or cfg.checkpoint_dir)
     out_dir = root/config["config_hash"]
-    if resume == "never": ckpt = None; shutil.rmtree(out_dir, ignore_errors=True)
+    if resume == "never":
+        ckpt = None
+        if is_main_process(): shutil.rmtree(out_dir, ignore_errors=True)
     elif resume == "auto": ckpt = last_checkpoint(out_dir)
     else: ckpt = Path(resume)
     if ckpt is not None: check_checkpoint(ckpt, config); log(f"resuming from {ckpt}")
-    out_dir.mkdir(parents=True, exist_ok=True); write_json(out_dir/CONFIG_FILE, config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if is_main_process(): write_json(out_dir/CONFIG_FILE, config)
     bf16 = dev == "cuda" and pick_dtype(dev, dtype) == torch.bfloat16
     args = SFTConfig(output_dir=str(out_dir), seed=seed, data_seed=seed, max_length=cfg.max_length, packing=cfg.packing,
                      completion_only_loss=True, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
@@ -569,7 +611,7 @@ def train_sft(train_ds, eval_ds, cfg: SftParams, base_model: str, *, data_versio
                      eval_strategy="steps" if eval_ds is not None else "no", eval_steps=cfg.eval_steps,
                      save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, report_to="none",
                      bf16=bf16, use_cpu=dev == "cpu", dataloader_num_workers=0, disable_tqdm=True,
-                     optim="paged_adamw_8bit" if cfg.quantization == "4bit" else "adamw_torch")
+                     optim="paged_adamw_8bit" if cfg.quantization == "4bit" else "adamw_torch", **ddp_args())
     n_layers = model.config.num_hidden_layers
     if cfg.lora_layers > n_layers: raise ValueError(f"sft.lora_layers = {cfg.lora_layers} but {base_model} has {n_layers} layers; use 0 (all) up to {n_layers}")
     top = dict(layers_to_transform=list(range(n_layers - cfg.lora_layers, n_layers)), layers_pattern="layers") if cfg.lora_layers else {}
@@ -601,15 +643,21 @@ def train_sft(train_ds, eval_ds, cfg: SftParams, base_model: str, *, data_versio
 
 # %% ../nbs/03_sft.ipynb #68678fab
 def save_sft_outputs(run: dict, out: str | Path, cfg: SftParams, base_model: str, data_report: dict | None = None) -> Path:
-    "Write `adapter/`, `merged/` and `README.md` (model card) under `out` (replaced)."
+    """Write `adapter/`, `merged/` and `README.md` (model card) under `out` (replaced). Under a distributed launch
+    every process must call it (FSDP / ZeRO-3 gather the sharded adapter together); only the main process writes."""
     import torch
-    out = Path(out); shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
+    out, trainer = Path(out), run["trainer"]
+    main, sharded = trainer.is_world_process_zero(), trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled
+    if main: shutil.rmtree(out, ignore_errors=True); out.mkdir(parents=True)
+    trainer.accelerator.wait_for_everyone()
     model, tok = run["model"], run["tokenizer"]
-    model.save_pretrained(out/"adapter"); tok.save_pretrained(out/"adapter")
-    merged = copy.deepcopy(model).merge_and_unload() if cfg.quantization == "none" else None
-    if merged is None:   # QLoRA: merge into a full-precision copy of the base, not into 4-bit weights
+    save_adapter(trainer, out/"adapter")
+    if not main: trainer.accelerator.wait_for_everyone(); return out
+    tok.save_pretrained(out/"adapter")
+    merged = copy.deepcopy(model).merge_and_unload() if cfg.quantization == "none" and not sharded else None
+    if merged is None:   # QLoRA / sharded: merge into a full-precision copy of the base, not into 4-bit or sharded weights
         from peft import PeftModel
-        base, _ = load_llm(base_model, run["metrics"].get("device", "cpu"), "bfloat16")
+        base, _ = load_llm(base_model, run["metrics"].get("device", "cpu"), "bfloat16" if cfg.quantization == "4bit" else "auto")
         merged = PeftModel.from_pretrained(base, out/"adapter").merge_and_unload()
     merged.generation_config.pad_token_id = tok.pad_token_id
     merged.save_pretrained(out/"merged"); tok.save_pretrained(out/"merged")
@@ -625,6 +673,7 @@ def save_sft_outputs(run: dict, out: str | Path, cfg: SftParams, base_model: str
     if data_report: card += ["## Data", "", f"{data_report.get('train_examples')} train / {data_report.get('test_examples')} test rows; "
                              f"instruction sources {data_report.get('instruction_source')}; decontaminated against {list((data_report.get('evalsets') or {}))}.", ""]
     (out/"README.md").write_text("\n".join(card))
+    trainer.accelerator.wait_for_everyone()
     return out
 
 def curves(log_history: list[dict]):
@@ -640,18 +689,36 @@ def curves(log_history: list[dict]):
 
 # %% ../nbs/03_sft.ipynb #8e3797af
 def main(argv=None):
-    "Train from `artifacts/instruct` with params.yaml (for `accelerate launch -m llmtwin_nb.sft`)."
+    """Train from a saved instruct dataset with params.yaml, then save adapter + merged model once (main process).
+    Runs as `python -m llmtwin_nb.sft` or under `accelerate launch [--config_file ...] -m llmtwin_nb.sft`."""
     import argparse
     from datasets import load_from_disk
     from llmtwin_nb.core import load_params
-    ap = argparse.ArgumentParser(description=main.__doc__); ap.add_argument("--params", default="params.yaml"); ap.add_argument("-S", "--set", action="append", default=[])
+    ap = argparse.ArgumentParser(prog="python -m llmtwin_nb.sft", description=main.__doc__)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter, e.g. -S sft.max_steps=10")
+    ap.add_argument("--data", help="instruct dataset folder (save_to_disk with train/test; default: artifacts/instruct)")
+    ap.add_argument("--out", help="output folder for adapter/, merged/, README.md (default: models/sft)")
+    ap.add_argument("--checkpoint-dir", help="checkpoint root (default: sft.checkpoint_dir)")
+    ap.add_argument("--resume", default="auto", help="auto | never | a checkpoint folder")
+    ap.add_argument("--metrics", help="also write the run's metrics and loss curve to this JSON file (main process)")
     a = ap.parse_args(argv)
     p = load_params(a.params, a.set); P = get_paths()
     cfg = section_params("sft", p.get("sft", {}))
-    ds = load_from_disk(str(P.artifacts/"instruct"))
+    data = Path(a.data) if a.data else P.artifacts/"instruct"
+    if not data.exists(): raise FileNotFoundError(f"instruct dataset {data} not found: run the SFT stage first (`dvc repro sft`) or pass --data")
+    ds = load_from_disk(str(data))
     run = train_sft(ds["train"], ds["test"], cfg, p["models"]["llm"], data_version=dataset_version(ds), seed=p["core"]["seed"],
-                    device=p["core"]["device"], dtype=p["core"]["dtype"], checkpoint_dir=P.root/cfg.checkpoint_dir)
+                    device=p["core"]["device"], dtype=p["core"]["dtype"], checkpoint_dir=Path(a.checkpoint_dir) if a.checkpoint_dir else P.root/cfg.checkpoint_dir,
+                    resume=a.resume)
+    out = Path(a.out) if a.out else P.models/"sft"
+    save_sft_outputs(run, out, cfg, p["models"]["llm"])      # every process calls it; the main process writes
+    rank, _, world = process_rank()
     if run["trainer"].is_world_process_zero():
-        save_sft_outputs(run, P.models/"sft", cfg, p["models"]["llm"]); print(json.dumps(run["metrics"], indent=1))
+        m = dict(run["metrics"], world_size=world, saved_by_rank=rank, out=str(out),
+                 curve=curves(run["trainer"].state.log_history).astype(object).where(lambda df: df.notna(), None).to_dict("records"))
+        if a.metrics: write_json(a.metrics, m)
+        print(f"rank {rank}/{world}: wrote {out/'merged'}"); print(json.dumps(run["metrics"], indent=1))
+    return run["metrics"]
 
 if __name__ == "__main__" and not hasattr(__builtins__, "__IPYTHON__") and "ipykernel" not in os.sys.modules: main()

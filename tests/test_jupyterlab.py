@@ -27,7 +27,7 @@ def test_jupyter_lab_serves_the_chapters(tmp_path):
         assert status is not None and status.status_code == 200, f"jupyter lab did not answer: {proc.stdout.read1().decode() if proc.poll() is not None else ''}"
         listing = httpx.get(f"{base}/api/contents", params={"token": token}, timeout=10).json()
         names = {c["name"] for c in listing["content"]}
-        assert {"00_core.ipynb", "01_data.ipynb", "08_mlops.ipynb"} <= names, names
+        assert {"00_core.ipynb", "01b_data.ipynb", "08_mlops.ipynb"} <= names, names
         assert httpx.get(f"{base}/lab", params={"token": token}, timeout=10).status_code == 200
         assert httpx.get(f"{base}/api/contents", timeout=10).status_code == 403      # no token, no access
     finally:

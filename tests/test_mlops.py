@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest, yaml
 
-from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, OFF_TOPIC_QUESTIONS, append_feedback_sft, build_feedback_data, drift_check,
+from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, OFF_TOPIC_QUESTIONS, append_feedback_sft, build_feedback_data, cost_per_variant, drift_check,
                               feedback_to_data, run_simulation, sim_requests, topic_questions, training_reference)
 from llmtwin_nb.serve import ABRouter, FeedbackLog, PromptRegistry, assign_variant, parse_weights, read_traces
 
@@ -176,6 +176,14 @@ def test_the_loop_served_traffic_becomes_training_rows(tmp_path):
     assert {t["variant"] for t in tr} == {"a", "b"} and all(t["variant"] == assign_variant(t["user"], split, salt) for t in tr)
     assert {t["template_id"].split("#")[0] for t in tr} == {"chat", "rag_answer@v1"} and any(t["status"] == 500 for t in tr)
     assert all(f["variant"] in ("a", "b") and f["template_id"] for f in fb.records)
+    # accounting: every trace is priced (a failed one at 0), and cost_per_variant adds them up per variant
+    prices = section_params("serve", {})
+    assert all(t["cost_usd"] == (prices.cost_usd(t["answered_by"], t["prompt_tokens"], t["completion_tokens"]) if t["status"] == 200 else 0.0)
+               and t["prompt_tokens"] > 0 for t in tr)
+    cost = cost_per_variant(tr, root=ROOT)
+    assert set(cost) == {"a", "b"} and sum(c["requests"] for c in cost.values()) == 24 and all(c["priced_requests"] == c["requests"] for c in cost.values())
+    assert abs(sum(c["cost_usd"] for c in cost.values()) - sum(t["cost_usd"] for t in tr)) < 1e-9 and all(c["cost_usd"] > 0 for c in cost.values())
+    assert all(c["answered_by"] == {"packaged:smollm2-135m-instruct": c["priced_requests"]} for c in cost.values())
     # the feedback stage's function
     cfg = section_params("mlops", logs_dir=str(logs), out_dir=str(tmp_path/"feedback"))
     rep = build_feedback_data(logs, tmp_path/"feedback", cfg, author="Ilse Marchetti", docs=docs, evalsets={})

@@ -9,11 +9,11 @@ import pytest, yaml
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT/"dvc.yaml").read_text())
 PARAMS = yaml.safe_load((ROOT/"params.yaml").read_text())
-NOTEBOOK_OF = {"core": "nbs/00_core.ipynb", "data": "nbs/01_data.ipynb", "rag": "nbs/02_rag.ipynb", "sft": "nbs/03_sft.ipynb",
+NOTEBOOK_OF = {"core": "nbs/00_core.ipynb", "data": "nbs/01b_data.ipynb", "rag": "nbs/02_rag.ipynb", "sft": "nbs/03_sft.ipynb",
                "dpo": "nbs/04_dpo.ipynb", "eval": "nbs/05_eval.ipynb", "inference": "nbs/06_inference.ipynb",
-               "serve": "nbs/07_serving.ipynb", "mlops": "nbs/08_mlops.ipynb"}
+               "serve": "nbs/07_serving.ipynb", "mlops": "nbs/08_mlops.ipynb", "export": "nbs/09_export.ipynb"}
 MODULE_OF = {"feedback": "mlops"}   # stages that run a module's CLI instead of a notebook
-CHAPTER_ORDER = ["core", "data", "rag", "sft", "dpo", "eval", "inference", "serve", "mlops", "feedback"]
+CHAPTER_ORDER = ["core", "data", "rag", "sft", "dpo", "eval", "inference", "serve", "mlops", "feedback", "export"]
 
 def notebook_code(nb: str) -> str:
     cells = json.loads((ROOT/nb).read_text())["cells"]
@@ -85,10 +85,10 @@ def test_stage_tracks_the_sections_its_notebook_reads(stage):
 
 def test_schema_defaults_equal_params_yaml():
     "The default profile's values are the schema defaults (in a smoke copy, scripts/smoke.py keeps them in params.default.yaml)."
-    from llmtwin_nb.core import PARAM_SECTIONS, section_params
+    from llmtwin_nb.core import PARAM_SECTIONS, package_modules, section_params
     default = ROOT/"params.default.yaml"
     params = yaml.safe_load(default.read_text()) if default.exists() else PARAMS
-    for m in ("data", "rag", "sft", "dpo", "eval", "inference", "serve", "mlops"): importlib.import_module(f"llmtwin_nb.{m}")
+    for m in package_modules(): importlib.import_module(f"llmtwin_nb.{m}")
     drift = []
     for sec, raw in params.items():
         cls = PARAM_SECTIONS[sec]; validated = section_params(sec, raw).model_dump()
@@ -118,3 +118,39 @@ def test_dvc_config_is_offline():
     cfg = (ROOT/".dvc"/"config").read_text()
     assert re.search(r"analytics\s*=\s*false", cfg) and re.search(r"check_update\s*=\s*false", cfg)
     assert "html_template" in cfg
+
+def module_notebooks() -> dict[str, str]:
+    "`{module: notebook file name}` from each notebook's `#| default_exp`."
+    out = {}
+    for nb in sorted((ROOT/"nbs").glob("[0-9]*.ipynb")):
+        m = re.search(r"#\|\s*default_exp\s+(\w+)", nb.read_text())
+        if m: out[m.group(1)] = nb.name
+    return out
+
+def test_notebook_numbering_follows_the_import_order():
+    "A chapter's module imports only modules whose notebooks sort before its own, so reading in file order never jumps ahead."
+    nbs = module_notebooks()
+    for mod, nb in nbs.items():
+        later = sorted(m for m in imported_modules((ROOT/"llmtwin_nb"/f"{mod}.py").read_text()) if m in nbs and nbs[m] > nb)
+        assert not later, f"{nb} (module {mod}) imports {later}, whose notebooks come later: {[nbs[m] for m in later]}"
+
+@pytest.mark.parametrize("stage", [s for s in CHAPTER_ORDER if s in NOTEBOOK_OF])
+def test_stage_scrubs_its_notebook_and_records_where_its_time_goes(stage):
+    """Each notebook stage scrubs its executed notebook (scripts/nb_scrub.py) and adds stage_seconds and per-section phases
+    to its first metrics file (scripts/stage_times.py)."""
+    st = DVC["stages"][stage]; metrics = next(iter(st["metrics"][0])); executed = f"results/nb/{Path(NOTEBOOK_OF[stage]).name}"
+    assert st["cmd"].endswith(f"python scripts/nb_scrub.py {executed} && python scripts/stage_times.py {executed} {metrics}"), \
+        f"stage {stage}: papermill, then scrub the executed notebook (it is committed), then record its times"
+    assert {"scripts/stage_times.py", "scripts/nb_scrub.py"} <= set(st["deps"])
+
+def test_stage_times_reads_papermill_durations(tmp_path):
+    sys.path.insert(0, str(ROOT/"scripts"))
+    from stage_times import stage_times
+    md = lambda s: dict(cell_type="markdown", source=[s], metadata={})
+    code = lambda d: dict(cell_type="code", source=["x = 1"], metadata={"papermill": {"duration": d}}, outputs=[])
+    nb = dict(cells=[code(0.5), md("## Load\nwhy"), code(1.0), code(2.0), md("### detail"), code(0.25), md("## Train"), code(3.0)],
+              metadata={"papermill": {"duration": 7.9}})
+    (tmp_path/"x.ipynb").write_text(json.dumps(nb))
+    assert stage_times(tmp_path/"x.ipynb") == dict(stage_seconds=7.9, phases={"setup": 0.5, "Load": 3.2, "Train": 3.0})
+    (tmp_path/"y.ipynb").write_text(json.dumps(dict(cells=[], metadata={})))
+    with pytest.raises(SystemExit, match="no papermill timing"): stage_times(tmp_path/"y.ipynb")

@@ -3,6 +3,7 @@ the embedded-Qdrant lock, a missing index, bad queries and filters, and chunk-id
 Real MiniLM embedder, real embedded Qdrant in a temporary folder."""
 
 import hashlib
+from collections import Counter
 
 import pytest
 
@@ -266,6 +267,43 @@ def test_index_holds_only_the_twins_documents(tmp_path, docs, emb):
         rag.build_index(docs, cfg, emb, root=tmp_path, log=quiet, author="Nobody Atall")
 
 
+def test_load_docs_reads_the_warehouse_through_load_documents(tmp_path, docs):
+    "rag.load_docs is chapter 01's load_documents as dicts: every author, the twin's only, or its clear error; vanished rows left out."
+    from llmtwin_nb import data
+    other = dict(_doc(20), author="Marisol Vega", author_id="marisol-vega")
+    gone = dict(_doc(21), status="vanished")
+    rows = [dict(d, metadata="{}", status=d.get("status", "active"), first_seen="2026-01-01T00:00:00Z", updated_at="2026-01-01T00:00:00Z")
+            for d in docs + [other, gone]]
+    data.write_warehouse(rows, tmp_path / "wh")
+    everyone = rag.load_docs(tmp_path / "wh")
+    assert {d["author"] for d in everyone} == {"Ilse Marchetti", "Marisol Vega"} and gone["id"] not in {d["id"] for d in everyone}
+    mine = rag.load_docs(tmp_path / "wh", author="Ilse Marchetti")
+    assert sorted(d["id"] for d in mine) == sorted(d["id"] for d in docs) and set(mine[0]) == set(rag.DOC_FIELDS)
+    assert mine[0]["metadata"] == {} and isinstance(mine[0]["content"], str)
+    with pytest.raises(ValueError, match="data.author must match"):
+        rag.load_docs(tmp_path / "wh", author="Nobody Atall")
+    with pytest.raises(FileNotFoundError, match="dvc repro data"):
+        rag.load_docs(tmp_path / "nowhere")
+
+
+def test_persisted_index_second_run_upserts_only_the_added_document(tmp_path, docs, emb):
+    "Two build_index runs on one folder (what `persist: true` gives the rag stage): the second writes only the new document's chunks."
+    cfg = rag.RagParams(qdrant_path="q", embed_cache="emb", post_tokens=48, article_tokens=48, repository_tokens=48, overlap_tokens=8, candidates=5)
+    quiet = lambda *a: None
+    first = rag.build_index(docs, cfg, emb, root=tmp_path, log=quiet)
+    assert (first.upserted, first.unchanged) == (first.chunks, 0)
+    new = _doc(30, "substack")
+    second = rag.build_index(docs + [new], cfg, emb, root=tmp_path, log=quiet)
+    n_new = len(_chunks([new], cfg, emb))
+    assert (second.upserted, second.unchanged, second.deleted, second.docs_touched) == (n_new, first.chunks, 0, 1)
+    assert second.embedded == n_new                                       # only the new document's texts were embedded
+    with rag.open_qdrant(tmp_path / "q", create=False) as client:
+        by_doc = Counter(rag.indexed_ids(client, cfg.collection).values())
+        assert by_doc[new["id"]] == n_new and sum(by_doc.values()) == first.chunks + n_new
+    third = rag.build_index(docs, cfg, emb, root=tmp_path, log=quiet)   # the document deleted from the warehouse: its points go
+    assert (third.upserted, third.deleted, third.unchanged) == (0, n_new, first.chunks)
+
+
 def test_source_phrases_are_recognised_and_name_no_author():
     "Every phrase a generated question may start with is one self-query filters on, and none is tied to one corpus."
     for platform, phrase in rag.SOURCE_PHRASE.items():
@@ -276,3 +314,20 @@ def test_source_phrases_are_recognised_and_name_no_author():
     import inspect
     src = inspect.getsource(rag).lower()
     assert not any(w in src for w in ("pondlet", "ilse", "marchetti", "tidewater", "lasagne"))
+
+
+def test_persisted_index_of_another_embedder_is_recreated_by_build_index(tmp_path, docs, emb):
+    "A persisted folder whose collection has another vector size (the embedder changed): sync refuses it, build_index recreates it."
+    from qdrant_client import models
+    cfg = rag.RagParams(qdrant_path="q", embed_cache="emb", post_tokens=48, article_tokens=48, repository_tokens=48, overlap_tokens=8, candidates=5)
+    with rag.open_qdrant(tmp_path / "q") as client:
+        client.create_collection(cfg.collection, vectors_config=models.VectorParams(size=8, distance=models.Distance.DOT),
+                                 sparse_vectors_config={rag.SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)})
+        client.upsert(cfg.collection, points=[models.PointStruct(id=1, vector={"": [0.1] * 8}, payload={"doc_id": "x"})])
+        with pytest.raises(ValueError, match="holds 8-d vectors"):
+            rag.sync_index(client, cfg.collection, _chunks(docs[:1], cfg, emb), emb)
+    rep = rag.build_index(docs, cfg, emb, root=tmp_path, log=lambda *a: None)
+    assert (rep.upserted, rep.unchanged, rep.deleted) == (rep.chunks, 0, 0)
+    with rag.open_qdrant(tmp_path / "q", create=False) as client:
+        assert client.get_collection(cfg.collection).config.params.vectors.size == emb.get_embedding_dimension()
+        assert "x" not in set(rag.indexed_ids(client, cfg.collection).values())

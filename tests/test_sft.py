@@ -126,3 +126,12 @@ def test_builder_keeps_only_the_twins_documents(base):
     assert {d["id"] for d in other} <= set(ds_all["train"]["doc_id"]) | set(ds_all["test"]["doc_id"])
     with pytest.raises(ValueError, match="set data.author"):
         build_instruct_dataset(twin, tok, cfg, author="Marisol Vega")
+
+def test_process_rank_and_device_follow_the_launcher(monkeypatch):
+    "A plain run is rank 0 of 1 on the device asked for; under a launcher the env decides; the CPU path is never changed."
+    from llmtwin_nb.sft import process_rank, is_main_process, local_device, ddp_args
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"): monkeypatch.delenv(k, raising=False)
+    assert process_rank() == (0, 0, 1) and is_main_process() and ddp_args() == {} and local_device("cpu") == "cpu"
+    monkeypatch.setenv("RANK", "3"); monkeypatch.setenv("LOCAL_RANK", "1"); monkeypatch.setenv("WORLD_SIZE", "4")
+    assert process_rank() == (3, 1, 4) and not is_main_process() and local_device("cpu") == "cpu"
+    assert ddp_args() == dict(ddp_find_unused_parameters=False)
