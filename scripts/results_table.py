@@ -59,8 +59,8 @@ def stage_time_rows() -> list[str]:
         rows.append(f"| {name} | {d['stage_seconds']:.0f} | " + "; ".join(f"{k} {v:.0f} s" for k, v in top) + " |")
     if not rows: return []
     total = sum(float(r.split("|")[2]) for r in rows)
-    return [f"**Where the time goes** (`stage_seconds` and `phases` in each stage's metrics file; {total / 60:.1f} min of notebook "
-            f"time on {get(json.loads((ROOT/'results'/'core.json').read_text()), 'hardware.cpu') if (ROOT/'results'/'core.json').exists() else 'this machine'})", "",
+    return [f"**Where the time goes** (`stage_seconds` and `phases` in each stage's metrics file; {total / 60:.1f} min over the {len(rows)} stages listed, "
+            f"on {get(json.loads((ROOT/'results'/'core.json').read_text()), 'hardware.cpu') if (ROOT/'results'/'core.json').exists() else 'this machine'})", "",
             "| stage | seconds | longest phases |", "|---|---|---|", *rows, ""]
 
 def render() -> str:
