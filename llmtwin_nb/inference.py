@@ -294,9 +294,9 @@ def step_floors(weight_bytes: int, kv_bytes: int, batch: int, bandwidth_gbs: flo
     "The two hardware floors of one decoding step at `batch`: bytes over bandwidth, 2 FLOPs per weight per token over GFLOP/s."
     if bandwidth_gbs <= 0 or gflops <= 0 or batch < 1: raise ValueError("bandwidth_gbs and gflops must be positive, batch >= 1")
     mem = (weight_bytes + kv_bytes) / (bandwidth_gbs * 1e9)
-    cmp_ = batch * 2 * (weight_bytes / 4) / (gflops * 1e9)          # fp32: weight_bytes / 4 weights
-    return dict(memory_ms=round(mem * 1e3, 3), compute_ms=round(cmp_ * 1e3, 3), bound="memory" if mem >= cmp_ else "compute",
-                crossover_batch=round(mem / (2 * (weight_bytes / 4) / (gflops * 1e9)), 1))
+    per_token = 2 * (weight_bytes / 4) / (gflops * 1e9)            # fp32: weight_bytes / 4 weights, 2 FLOPs each
+    return dict(memory_ms=round(mem * 1e3, 3), compute_ms=round(batch * per_token * 1e3, 3),
+                bound="memory" if mem >= batch * per_token else "compute", crossover_batch=round(mem / per_token, 1))
 
 
 # %% ../nbs/06_inference.ipynb #6cc7447c

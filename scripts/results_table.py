@@ -49,7 +49,7 @@ def commit():
 def stage_time_rows() -> list[str]:
     "Where the time goes: each stage's wall time and its three longest phases (chapter sections), from its metrics file."
     import yaml
-    rows = []
+    rows, total = [], 0.0
     for name, st in yaml.safe_load((ROOT/"dvc.yaml").read_text())["stages"].items():
         if not st.get("metrics"): continue
         p = ROOT/next(iter(st["metrics"][0]))
@@ -57,8 +57,8 @@ def stage_time_rows() -> list[str]:
         if "stage_seconds" not in d: continue
         top = sorted(d.get("phases", {}).items(), key=lambda kv: -kv[1])[:3]
         rows.append(f"| {name} | {d['stage_seconds']:.0f} | " + "; ".join(f"{k} {v:.0f} s" for k, v in top) + " |")
+        total += d["stage_seconds"]
     if not rows: return []
-    total = sum(float(r.split("|")[2]) for r in rows)
     return [f"**Where the time goes** (`stage_seconds` and `phases` in each stage's metrics file; {total / 60:.1f} min over the {len(rows)} stages listed, "
             f"on {get(json.loads((ROOT/'results'/'core.json').read_text()), 'hardware.cpu') if (ROOT/'results'/'core.json').exists() else 'this machine'})", "",
             "| stage | seconds | longest phases |", "|---|---|---|", *rows, ""]
