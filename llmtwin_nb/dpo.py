@@ -44,6 +44,7 @@ class DpoParams(Section):
     judge_base_url: Optional[str] = Field(None, pattern=r"^https?://", description="OpenAI-compatible endpoint of the judge")
     judge_model: Optional[str] = None
     judge_api_key_env: str = Field("OPENAI_API_KEY", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    llm_cache: str = Field("artifacts/llm_cache/dpo", min_length=1, description="LLM response cache of this stage (rejected answers, judge verdicts): a persisted DVC output, so a rerun replays the same answers")
     beta: float = Field(0.1, gt=0, le=10, description="DPO beta: how far the policy may move from the reference")
     learning_rate: float = Field(5e-5, gt=0, lt=1)
     epochs: float = Field(1.0, gt=0, le=100)
@@ -259,10 +260,10 @@ def judge_pairs(pairs: list[dict], backend, seed: int = 42) -> tuple[list[dict],
         if (pick == "B") == flip: kept.append(p)
     return kept, len(pairs) - len(kept)
 
-def make_judge(cfg: DpoParams, seed: int = 42):
-    "The judge backend of `cfg` (OpenAI-compatible, cached)."
+def make_judge(cfg: DpoParams, seed: int = 42, cache: str | Path | None = None):
+    "The judge backend of `cfg` (OpenAI-compatible, cached in `cache`, default the machine-wide response cache)."
     b = OpenAIChatBackend(cfg.judge_base_url, cfg.judge_model, cfg.judge_api_key_env, max_new_tokens=4, temperature=0.0, seed=seed)
-    return CachedBackend(b, ResponseCache(cache_dir()/"responses"))
+    return CachedBackend(b, ResponseCache(cache or cache_dir()/"responses"))
 
 # %% ../nbs/04_dpo.ipynb #392399fb
 _SENTENCE_END = re.compile(r"""[.!?]["')\]”’]*(?=\s|$)""")

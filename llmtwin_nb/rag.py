@@ -30,7 +30,8 @@ __all__ = ['Strategy', 'DOC_FIELDS', 'STOP', 'SPARSE', 'BM25_K1', 'BM25_B', 'BM2
            'CrossEncoderReranker', 'LexicalReranker', 'Hit', 'QueryError', 'is_embedded', 'rrf_fuse', 'bm25_idf',
            'LocalIndex', 'Retriever', 'assemble_context', 'resolve_sources', 'load_gold', 'ngrams', 'copied',
            'good_question', 'key_terms', 'KeywordQuestions', 'llm_question', 'generate_questions', 'reranker_pairs',
-           'train_reranker', 'levenshtein_sim', 'context_precision', 'context_recall', 'rank_metrics', 'make_reranker']
+           'train_reranker', 'levenshtein_sim', 'context_precision', 'context_recall', 'rank_metrics',
+           'reused_rare_words', 'make_reranker']
 
 # %% ../nbs/02_rag.ipynb #72357fbf
 Strategy = Literal["token", "sentence", "semantic"]
@@ -76,7 +77,7 @@ class RagParams(Section):
     llm_questions: int = Field(6, ge=0, description="how many of the generated questions the LLM attempts (rest: rules)")
     llm_eval_n: int = Field(6, ge=0, description="questions on which the LLM expansion/self-query are measured")
     copy_ngram: int = Field(5, ge=2, le=20, description="a generated question sharing a word n-gram this long with its chunk is rejected")
-    scale_max_chunks: int = Field(100000, ge=1000, description="the scale benchmark runs 1k, 10k, 100k chunks up to this many")
+    scale_max_chunks: int = Field(10000, ge=1000, description="the scale benchmark runs 1k, 10k, 100k, 1M chunks up to this many (100k: ~10 min on 2 cores)")
 
 # %% ../nbs/02_rag.ipynb #4dfd5508
 _POOLS = None                                                            # threadpoolctl's view of numpy's BLAS, made once
@@ -1043,8 +1044,15 @@ def context_recall(retrieved: list[str], refs: list[str], threshold: float = 0.5
     return sum(max((sim(r, x) for x in retrieved), default=0) >= threshold for r in refs) / len(refs)
 
 def rank_metrics(hit_docs: list[str], relevant: set[str]) -> dict:
+    "hit@5 (a relevant document in the top 5), recall@5 (share of the relevant documents in the top 5), MRR@10."
     first = next((i for i, d in enumerate(hit_docs[:10]) if d in relevant), None)
-    return dict(recall_at_5=float(first is not None and first < 5), mrr_at_10=0.0 if first is None else 1 / (first + 1))
+    return dict(hit_at_5=float(first is not None and first < 5), recall_at_5=len(set(hit_docs[:5]) & relevant) / max(len(relevant), 1),
+                mrr_at_10=0.0 if first is None else 1 / (first + 1))
+
+def reused_rare_words(question: str, reference: str, doc_freq: dict[str, int], max_docs: int = 2) -> list[str]:
+    "Content words of `question` that its reference text holds and at most `max_docs` documents use: a lexical giveaway."
+    ref = set(_words(reference))
+    return sorted(w for w in set(_words(question)) if w in ref and doc_freq.get(w, 0) <= max_docs)
 
 # %% ../nbs/02_rag.ipynb #0c286eef
 def make_reranker(name: str, cfg: RagParams, lexical_texts: Iterable[str] = (), models_dir: Path | None = None, device: str = "auto"):

@@ -33,8 +33,8 @@ def main(argv=None):
     executed, metrics = map(Path, argv)
     if not metrics.exists(): sys.exit(f"{metrics}: the stage's metrics file is missing; the notebook should have written it")
     from llmtwin_nb.core import write_json
-    write_json(metrics, {**json.loads(metrics.read_text()), **stage_times(executed)})
     t = stage_times(executed)
+    write_json(metrics, {**json.loads(metrics.read_text()), **t})
     print(f"{metrics}: stage_seconds {t['stage_seconds']}; " + ", ".join(f"{k} {v}" for k, v in sorted(t["phases"].items(), key=lambda kv: -kv[1])[:5]))
 
 if __name__ == "__main__": main()

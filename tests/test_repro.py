@@ -127,7 +127,7 @@ def test_cli_compare_mode_exit_codes(tmp_path):
 
 
 # ---------------------------------------------------------------- DVC remote: push, clone, pull, status
-STAGES = ["data", "rag"]          # the warehouse and the vector index (+ evalset, reranker, LLM cache): ~80 MB on the default profile
+STAGES = list(yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"])   # every stage: data, index, datasets, models, LLM caches
 
 
 def _sh(*cmd, cwd, env=None, timeout=300):
@@ -151,8 +151,9 @@ def test_push_then_pull_into_a_second_clone_leaves_nothing_to_reproduce(tmp_path
     if not (ROOT / "dvc.lock").exists(): pytest.skip("no dvc.lock: run inside the pipeline copy (scripts/test.sh)")
     clean = lambda s: (lambda p: p.returncode == 0 and "up to date" in p.stdout.lower())(
         subprocess.run(["dvc", "status", f"dvc.yaml:{s}"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300))
-    stages = [s for s in STAGES if clean(s)]          # in the pipeline copy of scripts/test.sh: both
+    stages = [s for s in STAGES if clean(s)]          # in the pipeline copy of scripts/test.sh: all of them
     if "data" not in stages: pytest.skip("the data stage's outputs here do not match dvc.lock: run inside the pipeline copy (scripts/test.sh)")
+    if os.environ.get("LLMTWIN_SMOKE_COPY") == "1": assert stages == STAGES, f"stages not up to date after the smoke pipeline: {set(STAGES) - set(stages)}"
     print("stages pushed and pulled:", stages)
     targets = [f"dvc.yaml:{s}" for s in stages] + ["data.dvc"]
     remote, a, b = tmp_path / "remote", tmp_path / "a", tmp_path / "b"
@@ -184,4 +185,6 @@ def test_push_then_pull_into_a_second_clone_leaves_nothing_to_reproduce(tmp_path
     assert "up to date" in status.lower() and "changed" not in status.lower(), status
     assert (b / "artifacts" / "warehouse" / "documents.parquet").is_file() and (b / "data").is_dir()
     if "rag" in stages: assert (b / "artifacts" / "qdrant" / "collection").is_dir() and (b / "models" / "reranker").is_dir()
+    for s, path in [("sft", "models/sft/merged"), ("dpo", "models/dpo/merged"), ("eval", "artifacts/llm_cache/eval"), ("export", "models/gguf")]:
+        if s in stages: assert (b / path).exists(), f"{path} ({s} stage) not pulled"
     assert pushed > 100_000, out
