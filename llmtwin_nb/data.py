@@ -17,7 +17,8 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .core import ParamsError, Section, get_paths, hardware_info, register_params, section_params, write_json
+from .core import (JsonlError, ParamsError, Section, atomic_write_text, get_paths, hardware_info, parse_jsonl, register_params,
+                             section_params, write_json)
 
 # %% auto #0
 __all__ = ['data_git_include_default', 'PLATFORMS', 'KINDS', 'DROP_TAGS', 'BOILERPLATE', 'BOILERPLATE_LINES', 'BLOCK_TAGS',
@@ -613,14 +614,8 @@ def read_json_records(path: str | Path) -> list:
     except json.JSONDecodeError as e:
         if text.lstrip().startswith("["):
             raise SourceError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {BOOK_EXPECTED}") from None
-        recs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip(): continue
-            try: recs.append(json.loads(line))
-            except RecursionError: raise SourceError(path, f"line {n}: its JSON is {deep}") from None
-            except json.JSONDecodeError as e2:
-                raise SourceError(path, f"line {n} is not valid JSON ({e2.msg} at column {e2.colno}); expected {BOOK_EXPECTED}") from None
-        return recs
+        try: return parse_jsonl(text, path, BOOK_EXPECTED)
+        except JsonlError as e2: raise SourceError(path, e2.reason) from None
     return data if isinstance(data, list) else [data]
 
 def import_book_export(path: str | Path, ctx: "ImportContext | None" = None) -> list[RawDocument]:
@@ -1015,7 +1010,7 @@ def write_warehouse(rows: list[dict], path=None) -> tuple[Path, bool]:
     table = pa.Table.from_pylist([{c: r.get(c) for c in WAREHOUSE_COLUMNS} for r in rows], schema=_schema())
     buf = io.BytesIO(); pq.write_table(table, buf, compression="zstd", write_statistics=False); data = buf.getvalue()
     if f.exists() and f.read_bytes() == data: return f, False
-    tmp = f.with_suffix(f".tmp{os.getpid()}"); tmp.write_bytes(data); os.replace(tmp, f)
+    atomic_write_text(f, data)
     return f, True
 
 # %% ../nbs/01b_data.ipynb #1cacd694

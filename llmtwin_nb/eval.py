@@ -15,13 +15,14 @@ from pydantic import Field
 
 from .core import (ParamsError, Section, register_params, section_params, load_params, get_paths, write_json, hardware_info,
                              seed_everything, pick_device, load_llm, load_embedder, resolve_model, make_backend,
-                             LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir)
+                             LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir,
+                             atomic_write_text, read_jsonl)
 
 # %% auto #0
 __all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'MIN_ITEMS_FOR_SIGNIFICANCE', 'LMEVAL_TASK', 'RAG_SYSTEM',
            'PLOT_METRICS', 'EvalParams', 'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint',
-           'generate_batch', 'stopwatch', 'lap', 'save_generations', 'load_generations', 'sentences', 'clip_text',
-           'passages', 'normalize_text', 'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors',
+           'generate_batch', 'stopwatch', 'lap', 'save_generations', 'sentences', 'clip_text', 'passages',
+           'normalize_text', 'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors',
            'twin_metric_texts', 'text_nll', 'chat_nll', 'perplexity', 'JudgeParseError', 'judge_messages',
            'parse_judgement', 'judge_answers', 'judge_answers_logprob', 'judge_sanity', 'repetition_stats',
            'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci', 'cluster_means', 'twin_position', 'mc_items',
@@ -166,16 +167,10 @@ def lap(t0: tuple[float, float]) -> dict:
 
 def save_generations(path: str | Path, model_name: str, ref: str, rows: list[dict], results: list[ChatResult], params: dict) -> Path:
     "One JSONL line per answer: the model, the prompt, the answer, the reference and the generation params."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r, res in zip(rows, results):
-            f.write(json.dumps(dict(model=model_name, ref=ref, id=r["id"], doc_id=r["doc_id"], prompt=r["prompt"], answer=res.text,
-                                    reference=r.get("reference"), new_tokens=res.completion_tokens, finish_reason=res.finish_reason,
-                                    params=params), ensure_ascii=False) + "\n")
-    return path
-
-def load_generations(path: str | Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    return atomic_write_text(path, "".join(
+        json.dumps(dict(model=model_name, ref=ref, id=r["id"], doc_id=r["doc_id"], prompt=r["prompt"], answer=res.text,
+                        reference=r.get("reference"), new_tokens=res.completion_tokens, finish_reason=res.finish_reason,
+                        params=params), ensure_ascii=False) + "\n" for r, res in zip(rows, results)))
 
 # %% ../nbs/05_eval.ipynb #3a1439bf
 _SENT = re.compile(r"(?<=[.!?])[\"')\]”’]*\s+(?=[A-Z0-9\"'(“‘#*-])")
