@@ -17,17 +17,17 @@ from .core import (ParamsError, Section, register_params, section_params, load_p
                              seed_everything, pick_device, load_llm, load_embedder, resolve_model, make_backend,
                              LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir,
                              atomic_write_text, read_jsonl)
+from .hygiene import sentences
 
 # %% auto #0
 __all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'MIN_ITEMS_FOR_SIGNIFICANCE', 'LMEVAL_TASK', 'RAG_SYSTEM',
            'PLOT_METRICS', 'EvalParams', 'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint',
-           'generate_batch', 'stopwatch', 'lap', 'save_generations', 'sentences', 'clip_text', 'passages',
-           'normalize_text', 'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors',
-           'twin_metric_texts', 'text_nll', 'chat_nll', 'perplexity', 'JudgeParseError', 'judge_messages',
-           'parse_judgement', 'judge_answers', 'judge_answers_logprob', 'judge_sanity', 'repetition_stats',
-           'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci', 'cluster_means', 'twin_position', 'mc_items',
-           'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means',
-           'paired_judge_ci', 'comparison_rows', 'plot_comparison']
+           'generate_batch', 'stopwatch', 'lap', 'save_generations', 'clip_text', 'passages', 'normalize_text',
+           'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll',
+           'chat_nll', 'perplexity', 'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers',
+           'judge_answers_logprob', 'judge_sanity', 'repetition_stats', 'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci',
+           'cluster_means', 'twin_position', 'mc_items', 'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l',
+           'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci', 'comparison_rows', 'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
@@ -173,17 +173,6 @@ def save_generations(path: str | Path, model_name: str, ref: str, rows: list[dic
                         params=params), ensure_ascii=False) + "\n" for r, res in zip(rows, results)))
 
 # %% ../nbs/05_eval.ipynb #3a1439bf
-_SENT = re.compile(r"(?<=[.!?])[\"')\]”’]*\s+(?=[A-Z0-9\"'(“‘#*-])")
-
-def sentences(text: str) -> list[str]:
-    "Sentences of prose (code fences dropped, list items and headings kept as their own sentences)."
-    text = re.sub(r"```.*?(```|$)", " ", text, flags=re.S)
-    out = []
-    for line in re.split(r"\n\s*\n|\n(?=\s*(?:[-*#]|\d+[.)])\s)", text):
-        line = " ".join(line.split())
-        if line: out += [s.strip() for s in _SENT.split(line) if s.strip()]
-    return out
-
 def clip_text(text: str, max_words: int) -> str:
     "Complete sentences within `max_words` words; a trailing unfinished sentence is dropped (unless it is all there is)."
     sents = sentences(text)
