@@ -18,7 +18,7 @@ import yaml
 from bs4 import BeautifulSoup
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .core import (JsonlError, ParamsError, Section, atomic_write_text, get_paths, hardware_info, parse_jsonl, register_params,
+from .core import (JsonlError, ParamsError, Section, atomic_write_text, get_paths, parse_jsonl, register_params,
                              section_params, write_json)
 from .hygiene import html_to_text, mask_pii, near_duplicate_pairs, normalize_unicode, normalize_whitespace
 
@@ -31,8 +31,7 @@ __all__ = ['data_git_include_default', 'PLATFORMS', 'KINDS', 'LOCAL_EXT', 'BOOK_
            'git_skip_reason', 'repo_name', 'import_git', 'ImportContext', 'crawl_policy', 'crawl_urls',
            'refuse_linkedin_url', 'CrawlerDispatcher', 'source_list', 'collect_sources', 'clean_body', 'to_document',
            'deduplicate', 'warehouse_file', 'now_utc', 'read_rows', 'merge_snapshot', 'write_warehouse',
-           'load_warehouse', 'load_documents', 'build_documents', 'corpus_problems', 'run_etl', 'generate_bench_docs',
-           'bench_clean_dedup']
+           'load_warehouse', 'load_documents', 'build_documents', 'corpus_problems', 'run_etl']
 
 # %% ../nbs/01b_data.ipynb #27d96d9a
 def _csv_list(v) -> list[str]:
@@ -122,6 +121,11 @@ class DataParams(Section):
         if self.minhash_perm % self.lsh_bands:
             raise ValueError(f"minhash_perm ({self.minhash_perm}) must be a multiple of lsh_bands ({self.lsh_bands})")
         return self
+
+    @property
+    def near_dup(self) -> dict:
+        "The near-duplicate settings as `near_duplicate_pairs` keywords."
+        return dict(threshold=self.dedup_threshold, num_perm=self.minhash_perm, bands=self.lsh_bands, k=self.shingle_words, seed=self.seed)
 
 def _import_defaults() -> DataParams:
     "The schema's defaults without an author: the import knobs for helpers called without params."
@@ -728,7 +732,7 @@ def deduplicate(docs: list[Document], cfg: DataParams) -> tuple[list[Document], 
         while parent[x] != x: parent[x] = parent[parent[x]]; x = parent[x]
         return x
     sims = {}
-    for i, j, s in near_duplicate_pairs([d.content for d in kept], cfg.dedup_threshold, cfg.minhash_perm, cfg.lsh_bands, cfg.shingle_words, cfg.seed):
+    for i, j, s in near_duplicate_pairs([d.content for d in kept], **cfg.near_dup):
         ri, rj = find(i), find(j)
         if ri != rj: parent[max(ri, rj)] = min(ri, rj)   # lower index = earlier in keep order
         sims[j] = max(sims.get(j, 0), s)
@@ -894,35 +898,3 @@ def run_etl(cfg: DataParams, raw_dir: str | Path | None = None, warehouse_dir: s
                 vanished_total=counts["vanished_total"], failures=failures, problems=problems, per_source=per_source,
                 skipped_files={k: sorted(v) for k, v in sorted(ctx.skipped.items())}, warehouse=str(f), warehouse_changed=changed,
                 etl_seconds=round(time.time() - t0, 2))
-
-# %% ../nbs/01b_data.ipynb #319e251c
-def generate_bench_docs(n: int = 10_000, seed: int = 0, dup_fraction: float = 0.05) -> tuple[list[str], list[tuple[int, int]]]:
-    "n synthetic HTML documents, a fraction of them near-copies; returns (html docs, planted (original, copy) pairs)."
-    rng = np.random.default_rng(seed)
-    vocab = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(5000)]
-    def para(m): return " ".join(vocab[i] for i in rng.integers(0, len(vocab), m)) + "."
-    docs, planted = [], []
-    n_dup = int(n * dup_fraction)
-    for i in range(n - n_dup):
-        ps = "".join(f"<p>{para(int(rng.integers(25, 60)))}</p>" for _ in range(int(rng.integers(2, 5))))
-        docs.append(f"<article><h2>{para(5)}</h2>{ps}<ul><li>{para(6)}</li><li>{para(6)}</li></ul>"
-                    f"<pre><code class=\"language-python\">x = {i}\nprint(x)</code></pre><p>Write to user{i}@example.com.</p>"
-                    f"<div class=\"subscription-widget\"><p>Subscribe</p></div></article>")
-    for _ in range(n_dup):
-        j = int(rng.integers(0, n - n_dup)); words = docs[j].split(" ")
-        for k in rng.integers(1, len(words) - 1, max(1, len(words) // 100)): words[k] = vocab[int(rng.integers(0, len(vocab)))]
-        planted.append((j, len(docs))); docs.append(" ".join(words))
-    return docs, planted
-
-def bench_clean_dedup(n: int = 10_000, cfg: DataParams | None = None) -> dict:
-    "Documents/s of cleaning (HTML -> text, normalization, PII) + near-dup detection on n generated documents."
-    cfg = cfg or _import_defaults(); docs, planted = generate_bench_docs(n)
-    t0 = time.perf_counter()
-    texts = [mask_pii(normalize_whitespace(normalize_unicode(html_to_text(h))), cfg.pii_kinds)[0] for h in docs]
-    t1 = time.perf_counter()
-    pairs = near_duplicate_pairs(texts, cfg.dedup_threshold, cfg.minhash_perm, cfg.lsh_bands, cfg.shingle_words, cfg.seed)
-    t2 = time.perf_counter()
-    found = {(i, j) for i, j, _ in pairs}
-    return dict(bench_docs=n, bench_docs_per_s=round(n / (t2 - t0), 1), bench_clean_s=round(t1 - t0, 2), bench_dedup_s=round(t2 - t1, 2),
-                bench_planted_near_dups=len(planted), bench_near_dups_found=len(pairs),
-                bench_recall=round(sum((i, j) in found for i, j in planted) / max(1, len(planted)), 4), hardware=hardware_info())

@@ -5,15 +5,17 @@
 # %% ../nbs/01_hygiene.ipynb #563a9874
 from __future__ import annotations
 
-import re, unicodedata, zlib
+import re, time, unicodedata, zlib
 from collections import Counter, defaultdict
 
 import numpy as np
 
+from .core import hardware_info
+
 # %% auto #0
 __all__ = ['DROP_TAGS', 'BOILERPLATE', 'BOILERPLATE_LINES', 'BLOCK_TAGS', 'PII_PATTERNS', 'PII_LABEL', 'strip_boilerplate',
            'html_to_text', 'normalize_unicode', 'normalize_whitespace', 'mask_pii', 'shingles', 'MinHasher', 'jaccard',
-           'near_duplicate_pairs', 'sentences']
+           'near_duplicate_pairs', 'sentences', 'generate_bench_docs', 'bench_clean_dedup']
 
 # %% ../nbs/01_hygiene.ipynb #bb1934be
 from bs4 import BeautifulSoup, Comment, NavigableString, Tag
@@ -242,3 +244,36 @@ def sentences(text: str) -> list[str]:
         line = " ".join(line.split())
         if line: out += [s.strip() for s in _SENT.split(line) if s.strip()]
     return out
+
+# %% ../nbs/01_hygiene.ipynb #d4c6b13e
+def generate_bench_docs(n: int = 10_000, seed: int = 0, dup_fraction: float = 0.05) -> tuple[list[str], list[tuple[int, int]]]:
+    "n synthetic HTML documents, a fraction of them near-copies; returns (html docs, planted (original, copy) pairs)."
+    rng = np.random.default_rng(seed)
+    vocab = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(5000)]
+    def para(m): return " ".join(vocab[i] for i in rng.integers(0, len(vocab), m)) + "."
+    docs, planted = [], []
+    n_dup = int(n * dup_fraction)
+    for i in range(n - n_dup):
+        ps = "".join(f"<p>{para(int(rng.integers(25, 60)))}</p>" for _ in range(int(rng.integers(2, 5))))
+        docs.append(f"<article><h2>{para(5)}</h2>{ps}<ul><li>{para(6)}</li><li>{para(6)}</li></ul>"
+                    f"<pre><code class=\"language-python\">x = {i}\nprint(x)</code></pre><p>Write to user{i}@example.com.</p>"
+                    f"<div class=\"subscription-widget\"><p>Subscribe</p></div></article>")
+    for _ in range(n_dup):
+        j = int(rng.integers(0, n - n_dup)); words = docs[j].split(" ")
+        for k in rng.integers(1, len(words) - 1, max(1, len(words) // 100)): words[k] = vocab[int(rng.integers(0, len(vocab)))]
+        planted.append((j, len(docs))); docs.append(" ".join(words))
+    return docs, planted
+
+def bench_clean_dedup(n: int = 10_000, pii_kinds=("email", "phone", "secret"), **near_dup) -> dict:
+    """Documents/s of cleaning (HTML -> text, normalization, PII) + near-dup detection on n generated documents;
+    `near_dup`: `near_duplicate_pairs`'s keywords (threshold, num_perm, bands, k, seed)."""
+    docs, planted = generate_bench_docs(n)
+    t0 = time.perf_counter()
+    texts = [mask_pii(normalize_whitespace(normalize_unicode(html_to_text(h))), pii_kinds)[0] for h in docs]
+    t1 = time.perf_counter()
+    pairs = near_duplicate_pairs(texts, **near_dup)
+    t2 = time.perf_counter()
+    found = {(i, j) for i, j, _ in pairs}
+    return dict(bench_docs=n, bench_docs_per_s=round(n / (t2 - t0), 1), bench_clean_s=round(t1 - t0, 2), bench_dedup_s=round(t2 - t1, 2),
+                bench_planted_near_dups=len(planted), bench_near_dups_found=len(pairs),
+                bench_recall=round(sum((i, j) in found for i, j in planted) / max(1, len(planted)), 4), hardware=hardware_info())
