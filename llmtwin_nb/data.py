@@ -5,8 +5,7 @@
 # %% ../nbs/01b_data.ipynb #cf0e1909
 from __future__ import annotations
 
-import csv, dataclasses, fnmatch, hashlib, io, json, os, re, shutil, subprocess, sys, tempfile, time, unicodedata
-import zipfile
+import csv, dataclasses, fnmatch, hashlib, io, json, os, re, shutil, subprocess, tempfile, time, unicodedata
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,20 +17,20 @@ import yaml
 from bs4 import BeautifulSoup
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .core import (JsonlError, ParamsError, Section, atomic_write_text, get_paths, parse_jsonl, register_params,
-                             section_params, write_json)
+from .core import ParamsError, Section, atomic_write_text, get_paths, register_params, section_params, write_json
 from .hygiene import html_to_text, mask_pii, near_duplicate_pairs, normalize_unicode, normalize_whitespace
+from .readers import (SourceError, UnsafeArchiveError, front_matter_date, iso_utc, read_json_records, read_text_file,
+                                 safe_extract_zip, split_front_matter)
 
 # %% auto #0
 __all__ = ['data_git_include_default', 'PLATFORMS', 'KINDS', 'LOCAL_EXT', 'BOOK_EXPECTED', 'VENDORED_DIRS', 'GENERATED_NAMES',
            'WAREHOUSE_COLUMNS', 'DataParams', 'Document', 'canonical_url', 'stable_id', 'content_hash', 'author_slug',
-           'split_of', 'RawDocument', 'SourceError', 'DataError', 'iso_utc', 'UnsafeArchiveError', 'safe_extract_zip',
-           'import_medium_export', 'import_substack_export', 'import_linkedin_export', 'read_text_file',
-           'split_front_matter', 'front_matter_date', 'import_local_folder', 'read_json_records', 'import_book_export',
-           'git_skip_reason', 'repo_name', 'import_git', 'ImportContext', 'crawl_policy', 'crawl_urls',
-           'refuse_linkedin_url', 'CrawlerDispatcher', 'source_list', 'collect_sources', 'clean_body', 'to_document',
-           'deduplicate', 'warehouse_file', 'now_utc', 'read_rows', 'merge_snapshot', 'write_warehouse',
-           'load_warehouse', 'load_documents', 'build_documents', 'corpus_problems', 'run_etl']
+           'split_of', 'RawDocument', 'DataError', 'import_medium_export', 'import_substack_export',
+           'import_linkedin_export', 'import_local_folder', 'import_book_export', 'git_skip_reason', 'repo_name',
+           'import_git', 'ImportContext', 'crawl_policy', 'crawl_urls', 'refuse_linkedin_url', 'CrawlerDispatcher',
+           'source_list', 'collect_sources', 'clean_body', 'to_document', 'deduplicate', 'warehouse_file', 'now_utc',
+           'read_rows', 'merge_snapshot', 'write_warehouse', 'load_warehouse', 'load_documents', 'build_documents',
+           'corpus_problems', 'run_etl']
 
 # %% ../nbs/01b_data.ipynb #27d96d9a
 def _csv_list(v) -> list[str]:
@@ -200,72 +199,11 @@ class RawDocument:
     @property
     def id(self) -> str: return stable_id(self.platform, self.url, self.key)
 
-class SourceError(Exception):
-    "A source that could not be imported: `source` and a `reason` that says how to fix it."
-    def __init__(self, source, reason):
-        self.source, self.reason = str(source), reason
-        super().__init__(f"{source}: {reason}")
-
 class DataError(ValueError):
     "Sources that cannot make a valid warehouse: each of `problems` names a source or an author and how to fix it. Nothing was written."
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("the data stage stopped before writing the warehouse (the last good one is untouched):\n  - " + "\n  - ".join(self.problems))
-
-def iso_utc(value) -> str | None:
-    "Any date/datetime string (ISO, 'YYYY-MM-DD HH:MM:SS') -> 'YYYY-MM-DDTHH:MM:SSZ' in UTC; None if empty or unparseable."
-    if value is None or (isinstance(value, float) and np.isnan(value)): return None
-    if isinstance(value, datetime): dt = value
-    else:
-        s = str(value).strip()
-        if not s: return None
-        try: dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
-        except ValueError: return None
-    if dt.tzinfo is None: dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-# %% ../nbs/01b_data.ipynb #a3536364
-class UnsafeArchiveError(ValueError):
-    "An archive refused by `safe_extract_zip` (path traversal, absolute path, link member, too big)."
-
-def safe_extract_zip(zip_path: str | Path, dest: str | Path, max_total_bytes: int = 512 * 2**20, max_members: int = 50_000) -> Path:
-    "Extract `zip_path` into `dest` after checking every member; returns `dest`."
-    zip_path, dest = Path(zip_path), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True); root = dest.resolve()
-    try: zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as e: raise UnsafeArchiveError(f"{zip_path} is not a readable zip archive: {e}") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > max_members: raise UnsafeArchiveError(f"{zip_path}: {len(infos)} members, more than the limit of {max_members}")
-        total = 0
-        for i in infos:
-            name, kind = i.filename, (i.external_attr >> 16) & 0o170000
-            if kind == 0o120000:
-                raise UnsafeArchiveError(f"{zip_path}: member {name!r} is a symbolic link; archives with links are refused "
-                                         "(a link can point outside the extraction folder). Re-create the archive without links.")
-            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-                raise UnsafeArchiveError(f"{zip_path}: member {name!r} has an absolute path; refusing to extract this archive")
-            if ".." in re.split(r"[/\\]", name) or not (root/name).resolve().is_relative_to(root):
-                raise UnsafeArchiveError(f"{zip_path}: member {name!r} would be written outside {dest} (path traversal); refusing to extract this archive")
-            total += i.file_size
-            if total > max_total_bytes:
-                raise UnsafeArchiveError(f"{zip_path}: uncompressed size exceeds the cap of {max_total_bytes} bytes; refusing (zip bomb?)")
-        written = 0
-        for i in infos:
-            target = root/i.filename
-            if i.is_dir(): target.mkdir(parents=True, exist_ok=True); continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(i) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 16):
-                    written += len(chunk)
-                    if written > max_total_bytes: raise UnsafeArchiveError(f"{zip_path}: expands past {max_total_bytes} bytes; refusing")
-                    out.write(chunk)
-    return dest
-
-def _unwrap(folder: Path) -> Path:
-    "An archive holding a single top folder (and nothing else) is that folder."
-    items = [p for p in folder.iterdir() if p.name not in ("__MACOSX", ".DS_Store")]
-    return items[0] if len(items) == 1 and items[0].is_dir() else folder
 
 # %% ../nbs/01b_data.ipynb #1f033712
 def _read_html(p: Path) -> BeautifulSoup:
@@ -355,50 +293,6 @@ def import_linkedin_export(folder: str | Path, ctx: "ImportContext | None" = Non
 # %% ../nbs/01b_data.ipynb #27a30a41
 LOCAL_EXT = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html"}
 
-def read_text_file(path: str | Path, expected: str, declared_charset: bool = False) -> str:
-    "The text of a UTF-8 file (BOM dropped), or a `SourceError` naming the file: empty, binary, or not UTF-8."
-    path = Path(path); data = path.read_bytes()
-    if not data.strip(): raise SourceError(path, f"the file is empty; expected {expected}")
-    if b"\0" in data[:8192]:
-        raise SourceError(path, f"a binary file (NUL bytes; UTF-16 text looks like this too), not {expected}; export or re-save it as UTF-8 text")
-    try: return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        m = re.search(rb"charset=[\"']?([A-Za-z0-9_-]+)", data[:2048]) if declared_charset else None
-        if m:
-            try: return data.decode(m.group(1).decode())
-            except (LookupError, UnicodeDecodeError): pass
-        raise SourceError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); expected {expected}; re-save it as UTF-8") from None
-
-_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)^(?:---|\.\.\.)[ \t]*$\n?", re.S | re.M)
-
-def split_front_matter(text: str, path: str | Path = "<text>") -> tuple[dict, str]:
-    "YAML front matter (between `---` lines at the very top of a Markdown file) as a dict, and the text after it."
-    m = _FRONT_MATTER.match(text)
-    if not m: return {}, text
-    try: meta = yaml.safe_load(m.group(1))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise SourceError(path, f"its front matter (the lines between --- at the top) is not valid YAML: {getattr(e, 'problem', None) or e}"
-                                + (f" at line {mark.line + 2}" if mark else "") + "; expected `key: value` lines such as `title: ...` and "
-                                "`date: 2024-05-01` (quote a value that contains `: `)") from None
-    if meta is None: meta = {}
-    if not isinstance(meta, dict):
-        raise SourceError(path, f"its front matter must be `key: value` lines, got a YAML {type(meta).__name__}")
-    return {str(k): v for k, v in meta.items()}, text[m.end():]
-
-_DATE_FORMATS = ("%Y-%m-%d %H:%M:%S %z", "%Y-%m-%d %H:%M %z", "%Y-%m-%d %H:%M", "%Y/%m/%d", "%B %d, %Y", "%b %d, %Y", "%d %B %Y", "%d %b %Y")
-
-def front_matter_date(value, path: str | Path = "<text>") -> str | None:
-    "A front matter `date` (YAML date, ISO 8601 or a few common spellings) as UTC ISO; a `SourceError` if it is not a date."
-    if value is None or value == "": return None
-    got = iso_utc(value)
-    for fmt in _DATE_FORMATS:
-        if got: break
-        try: got = iso_utc(datetime.strptime(str(value).strip(), fmt))
-        except ValueError: pass
-    if not got: raise SourceError(path, f"front matter `date: {value}` is not a date; write it as YYYY-MM-DD or an ISO 8601 date-time")
-    return got
-
 def _note_title(meta: dict, text: str, fmt: str, p: Path) -> str:
     if str(meta.get("title") or "").strip(): return str(meta["title"]).strip()
     if fmt == "html":
@@ -444,22 +338,9 @@ def _book_text(content) -> str:
 _JSON_TYPE = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 BOOK_EXPECTED = "the book's MongoDB export: a JSON array of records (mongoexport --jsonArray) or one JSON record per line"
 
-def read_json_records(path: str | Path) -> list:
-    "The records of a JSON array or JSON-lines file; a `SourceError` that names the file and the line for anything else."
-    path = Path(path); text = read_text_file(path, BOOK_EXPECTED)
-    deep = f"nested deeper than {sys.getrecursionlimit()} levels (the book's records nest 3 levels); is this the right file?"
-    try: data = json.loads(text)
-    except RecursionError: raise SourceError(path, f"its JSON is {deep}") from None
-    except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
-            raise SourceError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {BOOK_EXPECTED}") from None
-        try: return parse_jsonl(text, path, BOOK_EXPECTED)
-        except JsonlError as e2: raise SourceError(path, e2.reason) from None
-    return data if isinstance(data, list) else [data]
-
 def import_book_export(path: str | Path, ctx: "ImportContext | None" = None) -> list[RawDocument]:
     "The LLM Engineer's Handbook MongoDB export (mongoexport JSON lines or JSON array) -> RawDocuments."
-    path = Path(path); recs = read_json_records(path)
+    path = Path(path); recs = read_json_records(path, BOOK_EXPECTED)
     if not recs: raise SourceError(path, f"no records (an empty export); expected {BOOK_EXPECTED}, each with `content`")
     out = []
     for i, r in enumerate(recs):
@@ -654,6 +535,11 @@ def _stamp(r: RawDocument, author: str | None, source: str, own: bool):
         if r.author and r.author != author: r.metadata["named_author"] = r.author
         r.author = author
     r.source = source
+
+def _unwrap(folder: Path) -> Path:
+    "An archive holding a single top folder (and nothing else) is that folder."
+    items = [p for p in folder.iterdir() if p.name not in ("__MACOSX", ".DS_Store")]
+    return items[0] if len(items) == 1 and items[0].is_dir() else folder
 
 def collect_sources(sources: dict | list | str, raw_dir: str | Path = ".", cfg: DataParams | None = None,
                     dispatcher: CrawlerDispatcher | None = None, ctx: ImportContext | None = None) -> tuple[list[RawDocument], list[dict], dict]:
