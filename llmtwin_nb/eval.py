@@ -656,14 +656,14 @@ def write_lmeval_task(folder: str | Path, items: list[dict], name: str = LMEVAL_
     import yaml
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     data = folder/f"{name}.jsonl"
-    data.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    atomic_write_text(data, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
     root, data = get_paths().root.resolve(), data.resolve()
     task = dict(task=name, dataset_path="json", dataset_kwargs=dict(data_files=dict(test=str(data.relative_to(root) if data.is_relative_to(root) else data))), test_split="test",
                 output_type="multiple_choice", doc_to_text="{{context}}", doc_to_choice="{{choices}}", doc_to_target="{{label}}",
                 metric_list=[dict(metric="acc", aggregation="mean", higher_is_better=True),
                              dict(metric="acc_norm", aggregation="mean", higher_is_better=True)],
                 metadata=dict(version=1.0, description="next sentence of a held-out author document vs 3 from other documents"))
-    (folder/f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    atomic_write_text(folder/f"{name}.yaml", yaml.safe_dump(task, sort_keys=False))
     return folder
 
 def run_lmeval(pretrained, tasks: list[str], include_path: str | Path | None = None, limit: int | None = None,
