@@ -18,16 +18,17 @@ from .core import (ParamsError, Section, register_params, section_params, load_p
                              LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir,
                              atomic_write_text, read_jsonl)
 from .hygiene import sentences
+from .stats import bootstrap_ci, cluster_means, mean_diff_ci
 
 # %% auto #0
-__all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'MIN_ITEMS_FOR_SIGNIFICANCE', 'LMEVAL_TASK', 'RAG_SYSTEM',
-           'PLOT_METRICS', 'EvalParams', 'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint',
-           'generate_batch', 'stopwatch', 'lap', 'save_generations', 'clip_text', 'passages', 'normalize_text',
-           'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll',
-           'chat_nll', 'perplexity', 'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers',
-           'judge_answers_logprob', 'judge_sanity', 'repetition_stats', 'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci',
-           'cluster_means', 'twin_position', 'mc_items', 'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l',
-           'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci', 'comparison_rows', 'plot_comparison']
+__all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'LMEVAL_TASK', 'RAG_SYSTEM', 'PLOT_METRICS', 'EvalParams',
+           'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint', 'generate_batch', 'stopwatch', 'lap',
+           'save_generations', 'clip_text', 'passages', 'normalize_text', 'rhythm_features', 'TwinScorer', 'auc',
+           'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll', 'chat_nll', 'perplexity',
+           'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers', 'judge_answers_logprob',
+           'judge_sanity', 'repetition_stats', 'ppl_diff_ci', 'twin_position', 'mc_items', 'write_lmeval_task',
+           'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci',
+           'comparison_rows', 'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
@@ -572,24 +573,6 @@ def repetition_stats(texts: list[str], first_words: int = 40) -> dict:
                 repeated_4gram_share=round(float(np.mean(rep)), 4) if rep else None, texts=len(ttr))
 
 # %% ../nbs/05_eval.ipynb #48e77e31
-MIN_ITEMS_FOR_SIGNIFICANCE = 30   # below this a percentile bootstrap undercovers: report the interval, claim nothing
-
-def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, B: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Point value and percentile interval of `stat(idx)` over `B` resamples of `n` items (`stat` takes a (B, n) or (n,) index
-    array). `significant` needs the interval to exclude 0 *and* at least `MIN_ITEMS_FOR_SIGNIFICANCE` items."""
-    if n < 2: raise ValueError(f"a bootstrap needs at least 2 paired items, got {n}")
-    idx = np.random.default_rng(seed).integers(0, n, size=(B, n))
-    boots = np.asarray(stat(idx), float)
-    lo, hi = np.nanquantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return dict(diff=float(stat(np.arange(n))), lo=float(lo), hi=float(hi), n=int(n), resamples=int(B),
-                p_le_0=float(np.mean(boots <= 0)), excludes_zero=bool(lo > 0 or hi < 0),
-                significant=bool((lo > 0 or hi < 0) and n >= MIN_ITEMS_FOR_SIGNIFICANCE))
-
-def mean_diff_ci(a, b, **kw) -> dict:
-    "Paired bootstrap CI of mean(a) - mean(b)."
-    d = np.asarray(a, float) - np.asarray(b, float)
-    return bootstrap_ci(lambda i: d[i].mean(-1), len(d), **kw)
-
 def ppl_diff_ci(nll_a, nll_b, **kw) -> dict:
     "Paired bootstrap CI of perplexity(a) - perplexity(b) over the same items' (nll, tokens)."
     na, ta = np.array(nll_a, float).T; nb, tb = np.array(nll_b, float).T
@@ -599,14 +582,6 @@ def ppl_diff_ci(nll_a, nll_b, **kw) -> dict:
     return bootstrap_ci(lambda i: np.exp(na[i].sum(-1) / ta[i].sum(-1)) - np.exp(nb[i].sum(-1) / tb[i].sum(-1)), len(na), **kw)
 
 # %% ../nbs/05_eval.ipynb #6f5a6818
-def cluster_means(scores, groups, B: int, rng) -> np.ndarray:
-    "`B` bootstrap means of `scores`, resampling whole groups (documents) with replacement; `groups=None`: every item its own."
-    scores = np.asarray(scores, float)
-    _, inv = np.unique(np.asarray(groups) if groups is not None else np.arange(len(scores)), return_inverse=True)
-    sums, counts = np.bincount(inv, scores), np.bincount(inv)
-    idx = rng.integers(0, len(sums), size=(B, len(sums)))
-    return sums[idx].sum(1) / counts[idx].sum(1)
-
 def twin_position(scores, ceiling_scores, floor_scores, ceiling_groups=None, floor_groups=None, B: int = 1000, seed: int = 0,
                   level: float = 0.95) -> dict:
     """`{value, lo, hi, ...}` of `(mean(scores) - floor) / (ceiling - floor)`: 0 = the other authors' held-out level, 1 = the
