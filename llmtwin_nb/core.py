@@ -17,10 +17,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 __all__ = ['PARAM_SECTIONS', 'PACKAGED', 'MANIFEST', 'RETRYABLE', 'ParamsError', 'Section', 'register_params', 'CoreParams',
            'ModelsParams', 'LLMParams', 'section_params', 'package_modules', 'parse_override', 'load_params',
            'check_params_cli', 'project_root', 'Paths', 'get_paths', 'cache_dir', 'profile_flags', 'profile_cli',
-           'seed_everything', 'pick_device', 'pick_dtype', 'package_dir', 'resolve_model', 'write_manifest',
-           'verify_model_dir', 'file_lock', 'convert_gguf', 'load_llm', 'load_embedder', 'ChatResult', 'BackendError',
-           'ChatBackend', 'check_messages', 'ResponseCache', 'CachedBackend', 'model_fingerprint', 'LocalChatBackend',
-           'UpstreamError', 'OpenAIChatBackend', 'make_backend', 'hardware_info', 'write_json']
+           'atomic_write_text', 'JsonlError', 'parse_jsonl', 'read_jsonl', 'seed_everything', 'pick_device',
+           'pick_dtype', 'package_dir', 'resolve_model', 'write_manifest', 'verify_model_dir', 'file_lock',
+           'convert_gguf', 'load_llm', 'load_embedder', 'ChatResult', 'BackendError', 'ChatBackend', 'check_messages',
+           'ResponseCache', 'CachedBackend', 'model_fingerprint', 'LocalChatBackend', 'UpstreamError',
+           'OpenAIChatBackend', 'make_backend', 'hardware_info', 'write_json']
 
 # %% ../nbs/00_core.ipynb #c3f18eed
 class ParamsError(ValueError):
@@ -200,6 +201,41 @@ def profile_cli(argv: list[str] | None = None) -> int:
     try: print(" ".join(profile_flags(argv[0], "params.yaml" if Path("params.yaml").exists() else None)))
     except (ParamsError, OSError) as e: print(e, file=sys.stderr); return 1
     return 0
+
+# %% ../nbs/00_core.ipynb #e700da65
+def atomic_write_text(path: str | Path, data: str | bytes) -> Path:
+    "Write `data` (text as UTF-8, or bytes) to `path` atomically: a temporary file beside it, then `os.replace`."
+    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        if isinstance(data, bytes): tmp.write_bytes(data)
+        else: tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally: tmp.unlink(missing_ok=True)
+    return path
+
+class JsonlError(ValueError):
+    "A JSON-lines text that does not parse: `path`, `line` (1-based) and a `reason` that says how to fix it."
+    def __init__(self, path, line: int, reason: str):
+        self.path, self.line, self.reason = str(path), line, reason
+        super().__init__(f"{path}: {reason}")
+
+def parse_jsonl(text: str, path: str | Path = "<text>", expected: str = "one JSON value per line") -> list:
+    "The JSON value of every non-blank line of `text`; a `JsonlError` naming `path` and the line for a bad one."
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip(): continue
+        try: out.append(json.loads(line))
+        except RecursionError:
+            raise JsonlError(path, n, f"line {n}: its JSON is nested deeper than {sys.getrecursionlimit()} levels; is this the right file?") from None
+        except json.JSONDecodeError as e:
+            raise JsonlError(path, n, f"line {n} is not valid JSON ({e.msg} at column {e.colno}); expected {expected} "
+                                      "(fix or delete that line)") from None
+    return out
+
+def read_jsonl(path: str | Path, expected: str = "one JSON value per line") -> list:
+    "The records of a JSON-lines file (blank lines skipped); a `JsonlError` names the file and the line of a bad one."
+    return parse_jsonl(Path(path).read_text(encoding="utf-8"), path, expected)
 
 # %% ../nbs/00_core.ipynb #48ed505b
 def seed_everything(seed: int) -> int:
@@ -383,9 +419,7 @@ class ResponseCache:
         try: return json.loads(p.read_text())["response"]
         except (OSError, ValueError, KeyError): return None
     def put(self, request: dict, response: dict):
-        p = self._path(self.key(request)); p.parent.mkdir(exist_ok=True)
-        tmp = p.with_suffix(f".tmp{os.getpid()}"); tmp.write_text(json.dumps(dict(request=request, response=response), ensure_ascii=False))
-        os.replace(tmp, p)
+        atomic_write_text(self._path(self.key(request)), json.dumps(dict(request=request, response=response), ensure_ascii=False))
 
 class CachedBackend:
     "Wraps a backend with a `ResponseCache`; a hit returns without calling the model."
@@ -574,7 +608,4 @@ def hardware_info() -> dict:
 
 def write_json(path: str | Path, obj) -> Path:
     "Write `obj` as pretty JSON atomically (results files are DVC metrics)."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n"); os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")

@@ -5,8 +5,7 @@
 # %% ../nbs/01b_data.ipynb #cf0e1909
 from __future__ import annotations
 
-import csv, dataclasses, fnmatch, hashlib, io, json, os, re, shutil, subprocess, sys, tempfile, time, unicodedata
-import zipfile, zlib
+import csv, dataclasses, fnmatch, hashlib, io, json, os, re, shutil, subprocess, tempfile, time, unicodedata
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,23 +14,23 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import yaml
+from bs4 import BeautifulSoup
 from pydantic import BaseModel, Field, field_validator, model_validator
 
-from .core import ParamsError, Section, get_paths, hardware_info, register_params, section_params, write_json
+from .core import ParamsError, Section, atomic_write_text, get_paths, register_params, section_params, write_json
+from .hygiene import html_to_text, mask_pii, near_duplicate_pairs, normalize_unicode, normalize_whitespace
+from .readers import (SourceError, UnsafeArchiveError, front_matter_date, iso_utc, read_json_records, read_text_file,
+                                 safe_extract_zip, split_front_matter)
 
 # %% auto #0
-__all__ = ['data_git_include_default', 'PLATFORMS', 'KINDS', 'DROP_TAGS', 'BOILERPLATE', 'BOILERPLATE_LINES', 'BLOCK_TAGS',
-           'PII_PATTERNS', 'PII_LABEL', 'LOCAL_EXT', 'BOOK_EXPECTED', 'VENDORED_DIRS', 'GENERATED_NAMES',
+__all__ = ['data_git_include_default', 'PLATFORMS', 'KINDS', 'LOCAL_EXT', 'BOOK_EXPECTED', 'VENDORED_DIRS', 'GENERATED_NAMES',
            'WAREHOUSE_COLUMNS', 'DataParams', 'Document', 'canonical_url', 'stable_id', 'content_hash', 'author_slug',
-           'split_of', 'RawDocument', 'SourceError', 'DataError', 'iso_utc', 'UnsafeArchiveError', 'safe_extract_zip',
-           'strip_boilerplate', 'html_to_text', 'normalize_unicode', 'normalize_whitespace', 'mask_pii',
-           'import_medium_export', 'import_substack_export', 'import_linkedin_export', 'read_text_file',
-           'split_front_matter', 'front_matter_date', 'import_local_folder', 'read_json_records', 'import_book_export',
-           'git_skip_reason', 'repo_name', 'import_git', 'ImportContext', 'crawl_policy', 'crawl_urls',
-           'refuse_linkedin_url', 'CrawlerDispatcher', 'source_list', 'collect_sources', 'clean_body', 'to_document',
-           'shingles', 'MinHasher', 'jaccard', 'near_duplicate_pairs', 'deduplicate', 'warehouse_file', 'now_utc',
+           'split_of', 'RawDocument', 'DataError', 'import_medium_export', 'import_substack_export',
+           'import_linkedin_export', 'import_local_folder', 'import_book_export', 'git_skip_reason', 'repo_name',
+           'import_git', 'ImportContext', 'crawl_policy', 'crawl_urls', 'refuse_linkedin_url', 'CrawlerDispatcher',
+           'source_list', 'collect_sources', 'clean_body', 'to_document', 'deduplicate', 'warehouse_file', 'now_utc',
            'read_rows', 'merge_snapshot', 'write_warehouse', 'load_warehouse', 'load_documents', 'build_documents',
-           'corpus_problems', 'run_etl', 'generate_bench_docs', 'bench_clean_dedup']
+           'corpus_problems', 'run_etl']
 
 # %% ../nbs/01b_data.ipynb #27d96d9a
 def _csv_list(v) -> list[str]:
@@ -122,6 +121,11 @@ class DataParams(Section):
             raise ValueError(f"minhash_perm ({self.minhash_perm}) must be a multiple of lsh_bands ({self.lsh_bands})")
         return self
 
+    @property
+    def near_dup(self) -> dict:
+        "The near-duplicate settings as `near_duplicate_pairs` keywords."
+        return dict(threshold=self.dedup_threshold, num_perm=self.minhash_perm, bands=self.lsh_bands, k=self.shingle_words, seed=self.seed)
+
 def _import_defaults() -> DataParams:
     "The schema's defaults without an author: the import knobs for helpers called without params."
     return DataParams.model_construct(sources={}, author="")
@@ -195,237 +199,11 @@ class RawDocument:
     @property
     def id(self) -> str: return stable_id(self.platform, self.url, self.key)
 
-class SourceError(Exception):
-    "A source that could not be imported: `source` and a `reason` that says how to fix it."
-    def __init__(self, source, reason):
-        self.source, self.reason = str(source), reason
-        super().__init__(f"{source}: {reason}")
-
 class DataError(ValueError):
     "Sources that cannot make a valid warehouse: each of `problems` names a source or an author and how to fix it. Nothing was written."
     def __init__(self, problems: list[str]):
         self.problems = list(problems)
         super().__init__("the data stage stopped before writing the warehouse (the last good one is untouched):\n  - " + "\n  - ".join(self.problems))
-
-def iso_utc(value) -> str | None:
-    "Any date/datetime string (ISO, 'YYYY-MM-DD HH:MM:SS') -> 'YYYY-MM-DDTHH:MM:SSZ' in UTC; None if empty or unparseable."
-    if value is None or (isinstance(value, float) and np.isnan(value)): return None
-    if isinstance(value, datetime): dt = value
-    else:
-        s = str(value).strip()
-        if not s: return None
-        try: dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
-        except ValueError: return None
-    if dt.tzinfo is None: dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-# %% ../nbs/01b_data.ipynb #a3536364
-class UnsafeArchiveError(ValueError):
-    "An archive refused by `safe_extract_zip` (path traversal, absolute path, link member, too big)."
-
-def safe_extract_zip(zip_path: str | Path, dest: str | Path, max_total_bytes: int = 512 * 2**20, max_members: int = 50_000) -> Path:
-    "Extract `zip_path` into `dest` after checking every member; returns `dest`."
-    zip_path, dest = Path(zip_path), Path(dest)
-    dest.mkdir(parents=True, exist_ok=True); root = dest.resolve()
-    try: zf = zipfile.ZipFile(zip_path)
-    except (zipfile.BadZipFile, OSError) as e: raise UnsafeArchiveError(f"{zip_path} is not a readable zip archive: {e}") from None
-    with zf:
-        infos = zf.infolist()
-        if len(infos) > max_members: raise UnsafeArchiveError(f"{zip_path}: {len(infos)} members, more than the limit of {max_members}")
-        total = 0
-        for i in infos:
-            name, kind = i.filename, (i.external_attr >> 16) & 0o170000
-            if kind == 0o120000:
-                raise UnsafeArchiveError(f"{zip_path}: member {name!r} is a symbolic link; archives with links are refused "
-                                         "(a link can point outside the extraction folder). Re-create the archive without links.")
-            if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
-                raise UnsafeArchiveError(f"{zip_path}: member {name!r} has an absolute path; refusing to extract this archive")
-            if ".." in re.split(r"[/\\]", name) or not (root/name).resolve().is_relative_to(root):
-                raise UnsafeArchiveError(f"{zip_path}: member {name!r} would be written outside {dest} (path traversal); refusing to extract this archive")
-            total += i.file_size
-            if total > max_total_bytes:
-                raise UnsafeArchiveError(f"{zip_path}: uncompressed size exceeds the cap of {max_total_bytes} bytes; refusing (zip bomb?)")
-        written = 0
-        for i in infos:
-            target = root/i.filename
-            if i.is_dir(): target.mkdir(parents=True, exist_ok=True); continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(i) as src, open(target, "wb") as out:
-                while chunk := src.read(1 << 16):
-                    written += len(chunk)
-                    if written > max_total_bytes: raise UnsafeArchiveError(f"{zip_path}: expands past {max_total_bytes} bytes; refusing")
-                    out.write(chunk)
-    return dest
-
-def _unwrap(folder: Path) -> Path:
-    "An archive holding a single top folder (and nothing else) is that folder."
-    items = [p for p in folder.iterdir() if p.name not in ("__MACOSX", ".DS_Store")]
-    return items[0] if len(items) == 1 and items[0].is_dir() else folder
-
-# %% ../nbs/01b_data.ipynb #bb1934be
-from bs4 import BeautifulSoup, Comment, NavigableString, Tag
-
-DROP_TAGS = {"script", "style", "noscript", "nav", "footer", "aside", "form", "button", "iframe", "svg", "input", "select",
-             "textarea", "template", "header", "img", "picture", "video", "audio", "source", "link", "meta", "object", "embed", "canvas"}
-BOILERPLATE = re.compile(r"(^|[-_])(share|sharing|subscribe|subscription|newsletter-form|social|cookie|related|comments?|promo|banner|"
-                         r"advert|ads|sidebar|footer|navbar|nav|menu|breadcrumbs?|paywall|signup|sign-up|button-wrapper|post-ufi|"
-                         r"author-bio|recommend|popup|modal)([-_]|$)", re.I)
-BOILERPLATE_LINES = re.compile(r"^(thanks for reading .{1,80}subscribe.*|subscribe( now| for free)?|share|share this post|leave a comment|"
-                               r"give a gift subscription|listen to this story|sign up|sign in|follow|open in app|"
-                               r"originally published (at|on|in) .*|exported from medium on .*)$", re.I)
-BLOCK_TAGS = {"p", "div", "section", "article", "main", "body", "html", "h1", "h2", "h3", "h4", "h5", "h6", "ul", "ol", "li", "pre",
-              "blockquote", "figure", "figcaption", "table", "thead", "tbody", "tr", "hr", "dl", "dt", "dd", "details", "summary"}
-
-def strip_boilerplate(soup: Tag) -> Tag:
-    "Remove comments, non-content tags and elements whose class/id marks them as navigation, sharing or subscribing (one pass; code is left alone)."
-    stack = [soup]
-    while stack:
-        for c in list(stack.pop().children):
-            if isinstance(c, Comment): c.extract(); continue
-            if not isinstance(c, Tag): continue
-            if c.name in DROP_TAGS: c.decompose(); continue
-            if c.name in ("pre", "code"): continue
-            a = c.attrs
-            if a and c.name not in ("body", "html", "article", "main"):
-                cls = a.get("class") or []
-                names = (cls.split() if isinstance(cls, str) else cls) + [a.get("id") or "", a.get("data-component-name") or ""]
-                if any(n and BOILERPLATE.search(n) for n in names): c.decompose(); continue
-            stack.append(c)
-    return soup
-
-def _inline(node) -> str:
-    if isinstance(node, NavigableString): return "" if isinstance(node, Comment) else str(node)
-    if not isinstance(node, Tag): return ""
-    if node.name == "br": return "\n"
-    if node.name == "code": return "`" + node.get_text() + "`"
-    inner = "".join(_inline(c) for c in node.children)
-    return f" {inner} " if node.name in BLOCK_TAGS else inner
-
-def _squash(s: str) -> str:
-    return "\n".join(re.sub(r"[ \t\f\v\r]+", " ", line).strip() for line in s.split("\n")).strip()
-
-def _render(node: Tag, out: list[str], depth: int = 0):
-    buf: list[str] = []
-    def flush():
-        t = _squash("".join(buf)); buf.clear()
-        if t: out.append(t)
-    for c in node.children:
-        if isinstance(c, NavigableString): buf.append(_inline(c)); continue
-        if not isinstance(c, Tag): continue
-        n = c.name
-        if n not in BLOCK_TAGS: buf.append(_inline(c)); continue
-        flush()
-        if re.fullmatch(r"h[1-6]", n):
-            t = _squash(_inline(c)).replace("\n", " ")
-            if t: out.append("#" * int(n[1]) + " " + t)
-        elif n in ("ul", "ol"):
-            items = []
-            for li in c.find_all("li", recursive=False):
-                sub: list[str] = []
-                nested = [x.extract() for x in li.find_all(["ul", "ol"], recursive=False)]
-                txt = " ".join(_squash(_inline(li)).split("\n")).strip()
-                items.append("  " * depth + "- " + txt)
-                for x in nested:
-                    _render_list_into(x, sub, depth + 1); items.extend(sub); sub.clear()
-            if items: out.append("\n".join(items))
-        elif n == "pre":
-            code = c.get_text().strip("\n")
-            lang = next((cl[9:] for el in [c, *c.find_all("code")] for cl in (el.get("class") or []) if cl.startswith("language-")), "")
-            if code.strip(): out.append(f"```{lang}\n{code}\n```")
-        elif n == "blockquote":
-            inner: list[str] = []; _render(c, inner, depth)
-            if inner: out.append("\n".join("> " + l if l else ">" for l in "\n\n".join(inner).split("\n")))
-        elif n == "tr":
-            cells = [_squash(_inline(td)).replace("\n", " ") for td in c.find_all(["td", "th"], recursive=False)]
-            if any(cells): out.append(" | ".join(cells))
-        elif n == "hr": continue
-        else: _render(c, out, depth)
-    flush()
-
-def _render_list_into(lst: Tag, out: list[str], depth: int):
-    tmp = BeautifulSoup("", "html.parser").new_tag("div"); tmp.append(lst)
-    block: list[str] = []; _render(tmp, block, depth); out.extend(block)
-
-def html_to_text(html: str | Tag, boilerplate: bool = True) -> str:
-    "Main text of an HTML document or fragment: paragraphs, `- ` lists, fenced code; boilerplate removed."
-    soup = html if isinstance(html, Tag) else BeautifulSoup(html, "html.parser")
-    if boilerplate: strip_boilerplate(soup)
-    blocks: list[str] = []; _render(soup, blocks)
-    return "\n\n".join(b for b in blocks if not BOILERPLATE_LINES.match(b.strip()))
-
-# %% ../nbs/01b_data.ipynb #8aa1b889
-_CHAR_FIX = {**{c: " " for c in "\u00a0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a\u202f\u205f\u3000"},
-             **{c: "" for c in "\u200b\u200c\u200d\u2060\ufeff\u00ad"},
-             "\ufb00": "ff", "\ufb01": "fi", "\ufb02": "fl", "\ufb03": "ffi", "\ufb04": "ffl", "\u2028": "\n", "\u2029": "\n\n"}
-_CHAR_TABLE = str.maketrans(_CHAR_FIX)
-_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # keeps \t and \n
-
-def normalize_unicode(s: str) -> str:
-    "NFC + explicit compatibility fixes (spaces, zero-width, ligatures, controls); keeps curly quotes, dashes, ellipses."
-    s = unicodedata.normalize("NFC", s.replace("\r\n", "\n").replace("\r", "\n"))
-    return _CONTROL.sub("", s.translate(_CHAR_TABLE))
-
-def normalize_whitespace(s: str) -> str:
-    "Collapse spaces and blank lines outside ``` fences (list/quote indentation kept); inside them only strip trailing spaces."
-    out, in_code, blank = [], False, 0
-    for line in s.split("\n"):
-        if line.lstrip().startswith("```"):
-            in_code = not in_code; out.append(line.strip()); blank = 0; continue
-        if in_code: out.append(line.rstrip()); continue
-        text = re.sub(r"[ \t]+", " ", line.strip())
-        if not text:
-            blank += 1
-            if blank == 1: out.append("")
-            continue
-        blank = 0
-        m = re.match(r"^( *)(?:[-*>] |\d+[.)] )", line.replace("\t", "    "))
-        out.append((m.group(1) if m else "") + text)
-    return "\n".join(out).strip()
-
-# %% ../nbs/01b_data.ipynb #641d1aec
-_PHONE_INTL = re.compile(r"(?<![\w+/.-])\+\d{1,3}(?:[ .-]?\(?\d{1,4}\)?){2,6}(?![\w-])")
-_PHONE_NAT = re.compile(r"(?<![\w+/.:-])\(?0\d{1,4}\)?[ -]\d{3,4}[ -]?\d{2,4}(?![\w-])")
-_SECRET_TOKENS = re.compile("|".join([
-    r"\bsk-(?:[A-Za-z0-9]+-)*[A-Za-z0-9_]{16,}",      # OpenAI-style keys (sk-..., sk-proj-..., sk-test-...)
-    r"\bgh[pousr]_[A-Za-z0-9]{20,}",                  # GitHub tokens
-    r"\bgithub_pat_[A-Za-z0-9_]{22,}",                # GitHub fine-grained tokens
-    r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b",                 # AWS access key ids
-    r"\bxox[abprs]-[A-Za-z0-9-]{10,}",                # Slack tokens
-    r"\bhf_[A-Za-z0-9]{30,}",                         # Hugging Face tokens
-    r"\bAIza[0-9A-Za-z_-]{35}"]))                     # Google API keys
-PII_PATTERNS: dict[str, list[re.Pattern]] = {
-    "secret": [_SECRET_TOKENS],
-    "email": [re.compile(r"(?<![\w.+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")],
-    "phone": [_PHONE_INTL, _PHONE_NAT],
-}
-# a long random-looking value assigned to something named *key/*token/*secret/*password
-_ASSIGNED_SECRET = re.compile(r"(?i)((?:key|token|secret|password|passwd|pwd)[\"']?\s*[:=]\s*[\"']?)([A-Za-z0-9+/_\-]{16,}={0,2})")
-_SECRET_WORDS = ("key", "token", "secret", "passw", "pwd")
-PII_LABEL = {"email": "[EMAIL]", "phone": "[PHONE]", "secret": "[SECRET]"}
-
-def _looks_random(v: str) -> bool: return bool(re.search(r"\d", v) and re.search(r"[A-Za-z]", v))
-
-def mask_pii(text: str, kinds=("email", "phone", "secret")) -> tuple[str, Counter]:
-    "Replace PII of the given kinds by placeholders; returns the text and a Counter of what was masked."
-    counts = Counter()
-    if "secret" in kinds:
-        text, n = _SECRET_TOKENS.subn("[SECRET]", text); counts["secret"] += n
-        low = text.lower()
-        if any(w in low for w in _SECRET_WORDS):
-            def sub(m):
-                if not _looks_random(m.group(2)): return m.group(0)
-                counts["secret"] += 1; return m.group(1) + "[SECRET]"
-            text = _ASSIGNED_SECRET.sub(sub, text)
-    if "email" in kinds and "@" in text:
-        for pat in PII_PATTERNS["email"]:
-            text, n = pat.subn("[EMAIL]", text); counts["email"] += n
-    if "phone" in kinds:
-        def psub(m):
-            d = len(re.sub(r"\D", "", m.group(0)))
-            if 8 <= d <= 15: counts["phone"] += 1; return "[PHONE]"
-            return m.group(0)
-        for pat in PII_PATTERNS["phone"]: text = pat.sub(psub, text)
-    return text, +counts
 
 # %% ../nbs/01b_data.ipynb #1f033712
 def _read_html(p: Path) -> BeautifulSoup:
@@ -515,50 +293,6 @@ def import_linkedin_export(folder: str | Path, ctx: "ImportContext | None" = Non
 # %% ../nbs/01b_data.ipynb #27a30a41
 LOCAL_EXT = {".md": "markdown", ".markdown": "markdown", ".txt": "text", ".html": "html", ".htm": "html"}
 
-def read_text_file(path: str | Path, expected: str, declared_charset: bool = False) -> str:
-    "The text of a UTF-8 file (BOM dropped), or a `SourceError` naming the file: empty, binary, or not UTF-8."
-    path = Path(path); data = path.read_bytes()
-    if not data.strip(): raise SourceError(path, f"the file is empty; expected {expected}")
-    if b"\0" in data[:8192]:
-        raise SourceError(path, f"a binary file (NUL bytes; UTF-16 text looks like this too), not {expected}; export or re-save it as UTF-8 text")
-    try: return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        m = re.search(rb"charset=[\"']?([A-Za-z0-9_-]+)", data[:2048]) if declared_charset else None
-        if m:
-            try: return data.decode(m.group(1).decode())
-            except (LookupError, UnicodeDecodeError): pass
-        raise SourceError(path, f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); expected {expected}; re-save it as UTF-8") from None
-
-_FRONT_MATTER = re.compile(r"\A---[ \t]*\n(.*?)^(?:---|\.\.\.)[ \t]*$\n?", re.S | re.M)
-
-def split_front_matter(text: str, path: str | Path = "<text>") -> tuple[dict, str]:
-    "YAML front matter (between `---` lines at the very top of a Markdown file) as a dict, and the text after it."
-    m = _FRONT_MATTER.match(text)
-    if not m: return {}, text
-    try: meta = yaml.safe_load(m.group(1))
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise SourceError(path, f"its front matter (the lines between --- at the top) is not valid YAML: {getattr(e, 'problem', None) or e}"
-                                + (f" at line {mark.line + 2}" if mark else "") + "; expected `key: value` lines such as `title: ...` and "
-                                "`date: 2024-05-01` (quote a value that contains `: `)") from None
-    if meta is None: meta = {}
-    if not isinstance(meta, dict):
-        raise SourceError(path, f"its front matter must be `key: value` lines, got a YAML {type(meta).__name__}")
-    return {str(k): v for k, v in meta.items()}, text[m.end():]
-
-_DATE_FORMATS = ("%Y-%m-%d %H:%M:%S %z", "%Y-%m-%d %H:%M %z", "%Y-%m-%d %H:%M", "%Y/%m/%d", "%B %d, %Y", "%b %d, %Y", "%d %B %Y", "%d %b %Y")
-
-def front_matter_date(value, path: str | Path = "<text>") -> str | None:
-    "A front matter `date` (YAML date, ISO 8601 or a few common spellings) as UTC ISO; a `SourceError` if it is not a date."
-    if value is None or value == "": return None
-    got = iso_utc(value)
-    for fmt in _DATE_FORMATS:
-        if got: break
-        try: got = iso_utc(datetime.strptime(str(value).strip(), fmt))
-        except ValueError: pass
-    if not got: raise SourceError(path, f"front matter `date: {value}` is not a date; write it as YYYY-MM-DD or an ISO 8601 date-time")
-    return got
-
 def _note_title(meta: dict, text: str, fmt: str, p: Path) -> str:
     if str(meta.get("title") or "").strip(): return str(meta["title"]).strip()
     if fmt == "html":
@@ -604,28 +338,9 @@ def _book_text(content) -> str:
 _JSON_TYPE = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 BOOK_EXPECTED = "the book's MongoDB export: a JSON array of records (mongoexport --jsonArray) or one JSON record per line"
 
-def read_json_records(path: str | Path) -> list:
-    "The records of a JSON array or JSON-lines file; a `SourceError` that names the file and the line for anything else."
-    path = Path(path); text = read_text_file(path, BOOK_EXPECTED)
-    deep = f"nested deeper than {sys.getrecursionlimit()} levels (the book's records nest 3 levels); is this the right file?"
-    try: data = json.loads(text)
-    except RecursionError: raise SourceError(path, f"its JSON is {deep}") from None
-    except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
-            raise SourceError(path, f"not valid JSON ({e.msg} at line {e.lineno}, column {e.colno}); expected {BOOK_EXPECTED}") from None
-        recs = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip(): continue
-            try: recs.append(json.loads(line))
-            except RecursionError: raise SourceError(path, f"line {n}: its JSON is {deep}") from None
-            except json.JSONDecodeError as e2:
-                raise SourceError(path, f"line {n} is not valid JSON ({e2.msg} at column {e2.colno}); expected {BOOK_EXPECTED}") from None
-        return recs
-    return data if isinstance(data, list) else [data]
-
 def import_book_export(path: str | Path, ctx: "ImportContext | None" = None) -> list[RawDocument]:
     "The LLM Engineer's Handbook MongoDB export (mongoexport JSON lines or JSON array) -> RawDocuments."
-    path = Path(path); recs = read_json_records(path)
+    path = Path(path); recs = read_json_records(path, BOOK_EXPECTED)
     if not recs: raise SourceError(path, f"no records (an empty export); expected {BOOK_EXPECTED}, each with `content`")
     out = []
     for i, r in enumerate(recs):
@@ -821,6 +536,11 @@ def _stamp(r: RawDocument, author: str | None, source: str, own: bool):
         r.author = author
     r.source = source
 
+def _unwrap(folder: Path) -> Path:
+    "An archive holding a single top folder (and nothing else) is that folder."
+    items = [p for p in folder.iterdir() if p.name not in ("__MACOSX", ".DS_Store")]
+    return items[0] if len(items) == 1 and items[0].is_dir() else folder
+
 def collect_sources(sources: dict | list | str, raw_dir: str | Path = ".", cfg: DataParams | None = None,
                     dispatcher: CrawlerDispatcher | None = None, ctx: ImportContext | None = None) -> tuple[list[RawDocument], list[dict], dict]:
     """Import every source; returns (raw documents, failures, per-source document counts). `sources` maps author -> sources
@@ -883,56 +603,6 @@ def to_document(raw: RawDocument, cfg: DataParams, pii: Counter | None = None) -
                     content_hash=content_hash(text), metadata=meta, split=split_of(raw.id, cfg.test_fraction, cfg.seed))
 
 # %% ../nbs/01b_data.ipynb #4c56a990
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-_TOK = re.compile(r"\w+", re.U)
-
-def shingles(text: str, k: int = 5) -> np.ndarray:
-    "Sorted unique 64-bit hashes of the word k-grams of `text` (lower-cased)."
-    toks = _TOK.findall(text.lower())
-    if not toks: return np.zeros(0, np.uint64)
-    with np.errstate(over="ignore"):
-        h = np.fromiter((zlib.crc32(t.encode()) for t in toks), np.uint64, len(toks)) * np.uint64(0x9E3779B97F4A7C15)
-    k = min(k, len(toks))
-    if k == 1: return np.unique(h)
-    w = np.lib.stride_tricks.sliding_window_view(h, k)
-    mult = np.array([pow(0x100000001B3, j, 2**64) for j in range(k)], np.uint64)
-    with np.errstate(over="ignore"): s = (w * mult).sum(axis=1, dtype=np.uint64)
-    return np.unique(s)
-
-class MinHasher:
-    "`num_perm` multiply-shift hash functions over 64-bit shingle hashes."
-    def __init__(self, num_perm: int = 128, seed: int = 42):
-        rng = np.random.default_rng(seed)
-        self.a = rng.integers(1, 2**63, num_perm, dtype=np.uint64) | np.uint64(1)
-        self.b = rng.integers(0, 2**63, num_perm, dtype=np.uint64)
-    def signature(self, sh: np.ndarray) -> np.ndarray:
-        if sh.size == 0: return np.full(self.a.size, np.iinfo(np.uint32).max, np.uint32)
-        with np.errstate(over="ignore"): x = (sh[:, None] * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
-        return x.min(axis=0).astype(np.uint32)
-
-def jaccard(a: np.ndarray, b: np.ndarray) -> float:
-    if a.size == 0 and b.size == 0: return 1.0
-    inter = np.intersect1d(a, b, assume_unique=True).size
-    return inter / (a.size + b.size - inter)
-
-def near_duplicate_pairs(texts: list[str], threshold: float = 0.8, num_perm: int = 128, bands: int = 16, k: int = 5,
-                         seed: int = 42) -> list[tuple[int, int, float]]:
-    "Index pairs (i < j) whose shingle Jaccard similarity is at least `threshold`, found with MinHash LSH."
-    mh, rows = MinHasher(num_perm, seed), num_perm // bands
-    sh = [shingles(t, k) for t in texts]
-    sig = np.stack([mh.signature(s) for s in sh]) if texts else np.zeros((0, num_perm), np.uint32)
-    cands = set()
-    for b in range(bands):
-        buckets = defaultdict(list)
-        for i, key in enumerate(map(bytes, sig[:, b * rows:(b + 1) * rows])): buckets[key].append(i)
-        for ids in buckets.values():
-            if 1 < len(ids) <= 200: cands.update((ids[x], ids[y]) for x in range(len(ids)) for y in range(x + 1, len(ids)))
-    out = []
-    for i, j in sorted(cands):
-        jac = jaccard(sh[i], sh[j])
-        if jac >= threshold: out.append((i, j, round(jac, 4)))
-    return out
-
 def _keep_order(d: Document): return (d.published_at or "9999", -len(d.content), d.id)
 
 def deduplicate(docs: list[Document], cfg: DataParams) -> tuple[list[Document], list[dict]]:
@@ -948,7 +618,7 @@ def deduplicate(docs: list[Document], cfg: DataParams) -> tuple[list[Document], 
         while parent[x] != x: parent[x] = parent[parent[x]]; x = parent[x]
         return x
     sims = {}
-    for i, j, s in near_duplicate_pairs([d.content for d in kept], cfg.dedup_threshold, cfg.minhash_perm, cfg.lsh_bands, cfg.shingle_words, cfg.seed):
+    for i, j, s in near_duplicate_pairs([d.content for d in kept], **cfg.near_dup):
         ri, rj = find(i), find(j)
         if ri != rj: parent[max(ri, rj)] = min(ri, rj)   # lower index = earlier in keep order
         sims[j] = max(sims.get(j, 0), s)
@@ -1015,7 +685,7 @@ def write_warehouse(rows: list[dict], path=None) -> tuple[Path, bool]:
     table = pa.Table.from_pylist([{c: r.get(c) for c in WAREHOUSE_COLUMNS} for r in rows], schema=_schema())
     buf = io.BytesIO(); pq.write_table(table, buf, compression="zstd", write_statistics=False); data = buf.getvalue()
     if f.exists() and f.read_bytes() == data: return f, False
-    tmp = f.with_suffix(f".tmp{os.getpid()}"); tmp.write_bytes(data); os.replace(tmp, f)
+    atomic_write_text(f, data)
     return f, True
 
 # %% ../nbs/01b_data.ipynb #1cacd694
@@ -1114,35 +784,3 @@ def run_etl(cfg: DataParams, raw_dir: str | Path | None = None, warehouse_dir: s
                 vanished_total=counts["vanished_total"], failures=failures, problems=problems, per_source=per_source,
                 skipped_files={k: sorted(v) for k, v in sorted(ctx.skipped.items())}, warehouse=str(f), warehouse_changed=changed,
                 etl_seconds=round(time.time() - t0, 2))
-
-# %% ../nbs/01b_data.ipynb #319e251c
-def generate_bench_docs(n: int = 10_000, seed: int = 0, dup_fraction: float = 0.05) -> tuple[list[str], list[tuple[int, int]]]:
-    "n synthetic HTML documents, a fraction of them near-copies; returns (html docs, planted (original, copy) pairs)."
-    rng = np.random.default_rng(seed)
-    vocab = ["".join(rng.choice(list("abcdefghijklmnopqrstuvwxyz"), size=rng.integers(2, 10))) for _ in range(5000)]
-    def para(m): return " ".join(vocab[i] for i in rng.integers(0, len(vocab), m)) + "."
-    docs, planted = [], []
-    n_dup = int(n * dup_fraction)
-    for i in range(n - n_dup):
-        ps = "".join(f"<p>{para(int(rng.integers(25, 60)))}</p>" for _ in range(int(rng.integers(2, 5))))
-        docs.append(f"<article><h2>{para(5)}</h2>{ps}<ul><li>{para(6)}</li><li>{para(6)}</li></ul>"
-                    f"<pre><code class=\"language-python\">x = {i}\nprint(x)</code></pre><p>Write to user{i}@example.com.</p>"
-                    f"<div class=\"subscription-widget\"><p>Subscribe</p></div></article>")
-    for _ in range(n_dup):
-        j = int(rng.integers(0, n - n_dup)); words = docs[j].split(" ")
-        for k in rng.integers(1, len(words) - 1, max(1, len(words) // 100)): words[k] = vocab[int(rng.integers(0, len(vocab)))]
-        planted.append((j, len(docs))); docs.append(" ".join(words))
-    return docs, planted
-
-def bench_clean_dedup(n: int = 10_000, cfg: DataParams | None = None) -> dict:
-    "Documents/s of cleaning (HTML -> text, normalization, PII) + near-dup detection on n generated documents."
-    cfg = cfg or _import_defaults(); docs, planted = generate_bench_docs(n)
-    t0 = time.perf_counter()
-    texts = [mask_pii(normalize_whitespace(normalize_unicode(html_to_text(h))), cfg.pii_kinds)[0] for h in docs]
-    t1 = time.perf_counter()
-    pairs = near_duplicate_pairs(texts, cfg.dedup_threshold, cfg.minhash_perm, cfg.lsh_bands, cfg.shingle_words, cfg.seed)
-    t2 = time.perf_counter()
-    found = {(i, j) for i, j, _ in pairs}
-    return dict(bench_docs=n, bench_docs_per_s=round(n / (t2 - t0), 1), bench_clean_s=round(t1 - t0, 2), bench_dedup_s=round(t2 - t1, 2),
-                bench_planted_near_dups=len(planted), bench_near_dups_found=len(pairs),
-                bench_recall=round(sum((i, j) in found for i, j in planted) / max(1, len(planted)), 4), hardware=hardware_info())

@@ -15,18 +15,20 @@ from pydantic import Field
 
 from .core import (ParamsError, Section, register_params, section_params, load_params, get_paths, write_json, hardware_info,
                              seed_everything, pick_device, load_llm, load_embedder, resolve_model, make_backend,
-                             LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir)
+                             LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir,
+                             atomic_write_text, read_jsonl)
+from .hygiene import sentences
+from .stats import bootstrap_ci, cluster_means, mean_diff_ci
 
 # %% auto #0
-__all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'MIN_ITEMS_FOR_SIGNIFICANCE', 'LMEVAL_TASK', 'RAG_SYSTEM',
-           'PLOT_METRICS', 'EvalParams', 'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint',
-           'generate_batch', 'stopwatch', 'lap', 'save_generations', 'load_generations', 'sentences', 'clip_text',
-           'passages', 'normalize_text', 'rhythm_features', 'TwinScorer', 'auc', 'author_passages', 'other_authors',
-           'twin_metric_texts', 'text_nll', 'chat_nll', 'perplexity', 'JudgeParseError', 'judge_messages',
-           'parse_judgement', 'judge_answers', 'judge_answers_logprob', 'judge_sanity', 'repetition_stats',
-           'bootstrap_ci', 'mean_diff_ci', 'ppl_diff_ci', 'cluster_means', 'twin_position', 'mc_items',
-           'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means',
-           'paired_judge_ci', 'comparison_rows', 'plot_comparison']
+__all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'LMEVAL_TASK', 'RAG_SYSTEM', 'PLOT_METRICS', 'EvalParams',
+           'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint', 'generate_batch', 'stopwatch', 'lap',
+           'save_generations', 'clip_text', 'passages', 'normalize_text', 'rhythm_features', 'TwinScorer', 'auc',
+           'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll', 'chat_nll', 'perplexity',
+           'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers', 'judge_answers_logprob',
+           'judge_sanity', 'repetition_stats', 'ppl_diff_ci', 'twin_position', 'mc_items', 'write_lmeval_task',
+           'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci',
+           'comparison_rows', 'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
@@ -166,29 +168,12 @@ def lap(t0: tuple[float, float]) -> dict:
 
 def save_generations(path: str | Path, model_name: str, ref: str, rows: list[dict], results: list[ChatResult], params: dict) -> Path:
     "One JSONL line per answer: the model, the prompt, the answer, the reference and the generation params."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        for r, res in zip(rows, results):
-            f.write(json.dumps(dict(model=model_name, ref=ref, id=r["id"], doc_id=r["doc_id"], prompt=r["prompt"], answer=res.text,
-                                    reference=r.get("reference"), new_tokens=res.completion_tokens, finish_reason=res.finish_reason,
-                                    params=params), ensure_ascii=False) + "\n")
-    return path
-
-def load_generations(path: str | Path) -> list[dict]:
-    return [json.loads(l) for l in Path(path).read_text().splitlines() if l.strip()]
+    return atomic_write_text(path, "".join(
+        json.dumps(dict(model=model_name, ref=ref, id=r["id"], doc_id=r["doc_id"], prompt=r["prompt"], answer=res.text,
+                        reference=r.get("reference"), new_tokens=res.completion_tokens, finish_reason=res.finish_reason,
+                        params=params), ensure_ascii=False) + "\n" for r, res in zip(rows, results)))
 
 # %% ../nbs/05_eval.ipynb #3a1439bf
-_SENT = re.compile(r"(?<=[.!?])[\"')\]”’]*\s+(?=[A-Z0-9\"'(“‘#*-])")
-
-def sentences(text: str) -> list[str]:
-    "Sentences of prose (code fences dropped, list items and headings kept as their own sentences)."
-    text = re.sub(r"```.*?(```|$)", " ", text, flags=re.S)
-    out = []
-    for line in re.split(r"\n\s*\n|\n(?=\s*(?:[-*#]|\d+[.)])\s)", text):
-        line = " ".join(line.split())
-        if line: out += [s.strip() for s in _SENT.split(line) if s.strip()]
-    return out
-
 def clip_text(text: str, max_words: int) -> str:
     "Complete sentences within `max_words` words; a trailing unfinished sentence is dropped (unless it is all there is)."
     sents = sentences(text)
@@ -588,24 +573,6 @@ def repetition_stats(texts: list[str], first_words: int = 40) -> dict:
                 repeated_4gram_share=round(float(np.mean(rep)), 4) if rep else None, texts=len(ttr))
 
 # %% ../nbs/05_eval.ipynb #48e77e31
-MIN_ITEMS_FOR_SIGNIFICANCE = 30   # below this a percentile bootstrap undercovers: report the interval, claim nothing
-
-def bootstrap_ci(stat: Callable[[np.ndarray], np.ndarray], n: int, B: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Point value and percentile interval of `stat(idx)` over `B` resamples of `n` items (`stat` takes a (B, n) or (n,) index
-    array). `significant` needs the interval to exclude 0 *and* at least `MIN_ITEMS_FOR_SIGNIFICANCE` items."""
-    if n < 2: raise ValueError(f"a bootstrap needs at least 2 paired items, got {n}")
-    idx = np.random.default_rng(seed).integers(0, n, size=(B, n))
-    boots = np.asarray(stat(idx), float)
-    lo, hi = np.nanquantile(boots, [(1 - level) / 2, 1 - (1 - level) / 2])
-    return dict(diff=float(stat(np.arange(n))), lo=float(lo), hi=float(hi), n=int(n), resamples=int(B),
-                p_le_0=float(np.mean(boots <= 0)), excludes_zero=bool(lo > 0 or hi < 0),
-                significant=bool((lo > 0 or hi < 0) and n >= MIN_ITEMS_FOR_SIGNIFICANCE))
-
-def mean_diff_ci(a, b, **kw) -> dict:
-    "Paired bootstrap CI of mean(a) - mean(b)."
-    d = np.asarray(a, float) - np.asarray(b, float)
-    return bootstrap_ci(lambda i: d[i].mean(-1), len(d), **kw)
-
 def ppl_diff_ci(nll_a, nll_b, **kw) -> dict:
     "Paired bootstrap CI of perplexity(a) - perplexity(b) over the same items' (nll, tokens)."
     na, ta = np.array(nll_a, float).T; nb, tb = np.array(nll_b, float).T
@@ -615,14 +582,6 @@ def ppl_diff_ci(nll_a, nll_b, **kw) -> dict:
     return bootstrap_ci(lambda i: np.exp(na[i].sum(-1) / ta[i].sum(-1)) - np.exp(nb[i].sum(-1) / tb[i].sum(-1)), len(na), **kw)
 
 # %% ../nbs/05_eval.ipynb #6f5a6818
-def cluster_means(scores, groups, B: int, rng) -> np.ndarray:
-    "`B` bootstrap means of `scores`, resampling whole groups (documents) with replacement; `groups=None`: every item its own."
-    scores = np.asarray(scores, float)
-    _, inv = np.unique(np.asarray(groups) if groups is not None else np.arange(len(scores)), return_inverse=True)
-    sums, counts = np.bincount(inv, scores), np.bincount(inv)
-    idx = rng.integers(0, len(sums), size=(B, len(sums)))
-    return sums[idx].sum(1) / counts[idx].sum(1)
-
 def twin_position(scores, ceiling_scores, floor_scores, ceiling_groups=None, floor_groups=None, B: int = 1000, seed: int = 0,
                   level: float = 0.95) -> dict:
     """`{value, lo, hi, ...}` of `(mean(scores) - floor) / (ceiling - floor)`: 0 = the other authors' held-out level, 1 = the
@@ -672,14 +631,14 @@ def write_lmeval_task(folder: str | Path, items: list[dict], name: str = LMEVAL_
     import yaml
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     data = folder/f"{name}.jsonl"
-    data.write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
+    atomic_write_text(data, "".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items))
     root, data = get_paths().root.resolve(), data.resolve()
     task = dict(task=name, dataset_path="json", dataset_kwargs=dict(data_files=dict(test=str(data.relative_to(root) if data.is_relative_to(root) else data))), test_split="test",
                 output_type="multiple_choice", doc_to_text="{{context}}", doc_to_choice="{{choices}}", doc_to_target="{{label}}",
                 metric_list=[dict(metric="acc", aggregation="mean", higher_is_better=True),
                              dict(metric="acc_norm", aggregation="mean", higher_is_better=True)],
                 metadata=dict(version=1.0, description="next sentence of a held-out author document vs 3 from other documents"))
-    (folder/f"{name}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    atomic_write_text(folder/f"{name}.yaml", yaml.safe_dump(task, sort_keys=False))
     return folder
 
 def run_lmeval(pretrained, tasks: list[str], include_path: str | Path | None = None, limit: int | None = None,

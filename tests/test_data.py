@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from llmtwin_nb.core import ParamsError, get_paths, section_params
-from llmtwin_nb.data import (DataError, DataParams, SourceError, UnsafeArchiveError, collect_sources, import_book_export, import_git,
-                             import_linkedin_export, import_local_folder, import_medium_export, import_substack_export,
-                             ImportContext, load_documents, load_warehouse, read_rows, run_etl, safe_extract_zip,
-                             split_front_matter, warehouse_file)
+from llmtwin_nb.data import (DataError, DataParams, collect_sources, import_book_export, import_git, import_linkedin_export,
+                             import_local_folder, import_medium_export, import_substack_export, ImportContext, load_documents,
+                             load_warehouse, read_rows, run_etl, warehouse_file)
+from llmtwin_nb.readers import SourceError, UnsafeArchiveError, safe_extract_zip, split_front_matter
 
 SAMPLES = get_paths().root/"samples"
 FAST = dict(crawl_max_retries=1, crawl_backoff_s=0.01, crawl_per_host_delay_s=0.0, crawl_timeout_s=3)

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from llmtwin_nb.eval import (JudgeParseError, TwinScorer, auc, bootstrap_ci, clip_text, mean_diff_ci, parse_judgement, perplexity,
-                             ppl_diff_ci, passages, rhythm_features, text_nll, twin_metric_texts, twin_position, other_authors,
-                             RHYTHM_FEATURES)
+from llmtwin_nb.eval import (JudgeParseError, TwinScorer, auc, clip_text, parse_judgement, perplexity, ppl_diff_ci, passages,
+                             rhythm_features, text_nll, twin_metric_texts, twin_position, other_authors, RHYTHM_FEATURES)
+from llmtwin_nb.stats import bootstrap_ci, mean_diff_ci
 
 ROOT = Path(__file__).resolve().parents[1]
 
