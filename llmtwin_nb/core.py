@@ -16,12 +16,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 # %% auto #0
 __all__ = ['PARAM_SECTIONS', 'PACKAGED', 'MANIFEST', 'RETRYABLE', 'ParamsError', 'Section', 'register_params', 'CoreParams',
            'ModelsParams', 'LLMParams', 'section_params', 'package_modules', 'parse_override', 'load_params',
-           'check_params_cli', 'project_root', 'Paths', 'get_paths', 'cache_dir', 'profile_flags', 'profile_cli',
-           'atomic_write_text', 'JsonlError', 'parse_jsonl', 'read_jsonl', 'seed_everything', 'pick_device',
-           'pick_dtype', 'package_dir', 'resolve_model', 'write_manifest', 'verify_model_dir', 'file_lock',
-           'convert_gguf', 'load_llm', 'load_embedder', 'ChatResult', 'BackendError', 'ChatBackend', 'check_messages',
-           'ResponseCache', 'CachedBackend', 'model_fingerprint', 'LocalChatBackend', 'UpstreamError',
-           'OpenAIChatBackend', 'make_backend', 'hardware_info', 'write_json']
+           'add_params_args', 'raw_params', 'check_params_cli', 'project_root', 'Paths', 'get_paths', 'cache_dir',
+           'profile_flags', 'profile_cli', 'atomic_write_text', 'JsonlError', 'parse_jsonl', 'read_jsonl',
+           'seed_everything', 'pick_device', 'pick_dtype', 'package_dir', 'resolve_model', 'write_manifest',
+           'verify_model_dir', 'file_lock', 'convert_gguf', 'load_llm', 'load_embedder', 'ChatResult', 'BackendError',
+           'ChatBackend', 'check_messages', 'ResponseCache', 'CachedBackend', 'model_fingerprint', 'LocalChatBackend',
+           'UpstreamError', 'OpenAIChatBackend', 'make_backend', 'hardware_info', 'write_json']
 
 # %% ../nbs/00_core.ipynb #c3f18eed
 class ParamsError(ValueError):
@@ -140,6 +140,18 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | list | None 
     return out
 
 # %% ../nbs/00_core.ipynb #b0a96eaa
+def add_params_args(ap, example: str = "sft.max_steps=10"):
+    "The two arguments of every command of the course: `--params FILE` and repeatable `-S section.key=value` overrides."
+    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help=f"override a parameter, e.g. -S {example}")
+    return ap
+
+def raw_params(path: str | Path = "params.yaml", overrides: list | None = None) -> dict:
+    "The params file (`{}` if missing) with `-S` overrides applied, unvalidated: for a command that checks only its own sections."
+    raw = (yaml.safe_load(Path(path).read_text()) or {}) if Path(path).exists() else {}
+    for s in overrides or []: _set_dotted(raw, *parse_override(s))
+    return raw
+
 def check_params_cli(argv: list[str] | None = None) -> int:
     "Console script: validate a params file (and optional `-S key=value` overrides); exit 1 with the reasons."
     import argparse

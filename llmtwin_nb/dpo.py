@@ -14,7 +14,7 @@ from pydantic import Field, model_validator
 from .core import (Section, register_params, section_params, ParamsError, get_paths, write_json, hardware_info,
                              seed_everything, pick_device, pick_dtype, load_llm, resolve_model, model_fingerprint,
                              LocalChatBackend, OpenAIChatBackend, CachedBackend, ResponseCache, ChatResult, cache_dir,
-                             check_messages)
+                             check_messages, read_jsonl)
 from .sft import (load_evalsets, Decontaminator, near_duplicates, last_checkpoint, check_checkpoint,
                             CheckpointMismatch, CONFIG_FILE, peak_memory_mb, process_rank, is_main_process, local_device,
                             ddp_args, save_adapter)
@@ -355,10 +355,7 @@ def load_feedback_pairs(path: str | Path) -> list[dict]:
     "The feedback stage's preference pairs in this chapter's schema (prompt/chosen/rejected/doc_id/split); [] if the file is missing or empty."
     path, out = Path(path), []
     if not path.exists(): return out
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: r = json.loads(line)
-        except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not a JSON line ({e}); rerun the feedback stage (dvc repro feedback)") from None
+    for i, r in enumerate(read_jsonl(path, "one preference pair per line; rerun the feedback stage (dvc repro feedback)"), 1):
         out.append(dict(prompt=r.get("prompt"), chosen=r.get("chosen"), rejected=r.get("rejected"),
                         doc_id=str(r.get("doc_id") or f"feedback-{i}"), split="train"))
     try: check_pairs(out)
@@ -525,10 +522,8 @@ def main(argv=None):
     Runs as `python -m llmtwin_nb.dpo` or under `accelerate launch [--config_file ...] -m llmtwin_nb.dpo`."""
     import argparse
     from datasets import load_from_disk
-    from llmtwin_nb.core import load_params
-    ap = argparse.ArgumentParser(prog="python -m llmtwin_nb.dpo", description=main.__doc__)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter, e.g. -S dpo.beta=0.2")
+    from llmtwin_nb.core import load_params, add_params_args
+    ap = add_params_args(argparse.ArgumentParser(prog="python -m llmtwin_nb.dpo", description=main.__doc__), "dpo.beta=0.2")
     ap.add_argument("--pairs", help="preference dataset folder (save_to_disk with train/test; default: artifacts/preference)")
     ap.add_argument("--model", help="start model reference (default: dpo.sft_model)")
     ap.add_argument("--out", help="output folder for adapter/ and merged/ (default: models/dpo)")

@@ -37,7 +37,9 @@ class EvalParams(Section):
                         pattern=r"^[A-Za-z0-9_\-]+=[^,=]+(,[A-Za-z0-9_\-]+=[^,=]+)*$",
                         description="name=model reference pairs, comma separated; the first is the baseline")
     instruct: str = Field("artifacts/instruct", min_length=1, description="the SFT chapter's instruct dataset (its test split is the test set)")
-    max_prompts: int = Field(24, gt=0, description="held-out instructions every model answers")
+    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, description="answers: >1 penalises tokens already generated (HF generate); 1: off")
+    no_repeat_ngram_size: int = Field(0, ge=0, le=20, description="answers: forbid repeating any n-gram of this size; 0: off")
+    max_prompts: int = Field(100, gt=0, description="held-out instructions every model answers (all of the test split when it has fewer)")
     max_new_tokens: int = Field(80, gt=0, le=4096)
     batch_size: int = Field(8, gt=0, le=256)
     negatives: int = Field(24, ge=4, description="train-split instructions the base model answers: the twin classifier's generic negatives")
@@ -124,13 +126,16 @@ def check_disjoint(test_rows, train_rows, split_of: dict[str, str] | None = None
         if bad: raise ValueError(f"{len(bad)} test rows come from warehouse documents not in the test split (e.g. {bad[:3]})")
 
 # %% ../nbs/05_eval.ipynb #f291ac83
-def generate_batch(backend, prompts: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 8, log=print) -> list[ChatResult]:
-    "Greedy answers of `backend` to each prompt: left-padded batches for a local model, `backend.chat` otherwise; cached."
+def generate_batch(backend, prompts: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 8, log=print,
+                   loop_guard: dict | None = None) -> list[ChatResult]:
+    """Greedy answers of `backend` to each prompt: left-padded batches for a local model, `backend.chat` otherwise; cached.
+    `loop_guard`: extra `generate` settings against degenerate loops (repetition_penalty, no_repeat_ngram_size), local models only."""
     import torch
     if not hasattr(backend, "model") or not hasattr(backend, "tok"):
         return [backend.chat(p, max_new_tokens=max_new_tokens, temperature=0.0) for p in prompts]
     model, tok, cache = backend.model, backend.tok, getattr(backend, "cache", None)
-    reqs = [backend.request(check_messages(p), max_new_tokens, 0.0) for p in prompts]
+    guard = {k: v for k, v in (loop_guard or {}).items() if v not in (None, 0, 1.0)}     # the defaults change nothing: same cache keys
+    reqs = [backend.request(check_messages(p), max_new_tokens, 0.0) | ({"loop_guard": guard} if guard else {}) for p in prompts]
     out: list[ChatResult | None] = [None] * len(prompts)
     if isinstance(cache, ResponseCache):
         for i, q in enumerate(reqs):
@@ -146,7 +151,7 @@ def generate_batch(backend, prompts: list[list[dict]], max_new_tokens: int = 96,
             enc = tok([texts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
             with torch.inference_mode():
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None, top_k=None,
-                                     pad_token_id=tok.pad_token_id)
+                                     pad_token_id=tok.pad_token_id, **guard)
             dt = (time.time() - t0) / len(idx)
             for row, i in enumerate(idx):
                 new = gen[row, enc["input_ids"].shape[1]:].tolist()

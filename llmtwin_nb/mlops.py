@@ -13,17 +13,17 @@ from typing import Any, Callable, Optional
 import yaml
 from pydantic import Field, model_validator
 
-from .core import (ParamsError, Section, get_paths, hardware_info, load_embedder, load_params, register_params,
-                             section_params, seed_everything, write_json)
+from .core import (ParamsError, Section, atomic_write_text, get_paths, hardware_info, load_embedder, load_params, read_jsonl,
+                             register_params, section_params, seed_everything, write_json)
 from .data import mask_pii
 from .serve import (FEEDBACK_FILE, ABRouter, FeedbackLog, PromptRegistry, ServerThread, create_app, normalize_rating,
                               parse_variants, parse_weights, read_traces, reader_question, reader_questions, repo_relative)
 
 # %% auto #0
 __all__ = ['FEEDBACK_STAGE_PARAMS', 'TRACES_FILE', 'OFF_TOPIC_QUESTIONS', 'MlopsParams', 'variant_of', 'latest_feedback',
-           'feedback_to_data', 'write_jsonl', 'feedback_data', 'build_feedback_data', 'main', 'read_jsonl',
-           'append_feedback_sft', 'bootstrap_diff', 'compare_ratings', 'monitor_traces', 'cost_per_variant', 'mmd2',
-           'drift_check', 'training_reference', 'topic_questions', 'sim_requests', 'simulated_rating', 'run_simulation']
+           'feedback_to_data', 'write_jsonl', 'feedback_data', 'build_feedback_data', 'main', 'bootstrap_diff',
+           'compare_ratings', 'monitor_traces', 'cost_per_variant', 'mmd2', 'drift_check', 'training_reference',
+           'topic_questions', 'sim_requests', 'simulated_rating', 'run_simulation']
 
 # %% ../nbs/08_mlops.ipynb #5034a0d1
 @register_params("mlops")
@@ -151,10 +151,7 @@ def feedback_to_data(feedback: list[dict], traces: list[dict] | dict[str, dict],
 
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     "Rows as JSON lines (sorted keys: the same rows give the same bytes, so DVC sees no change), written atomically."
-    path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows)); os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows))
 
 # %% ../nbs/08_mlops.ipynb #b080693b
 FEEDBACK_STAGE_PARAMS = ("data.author", "mlops.logs_dir", "mlops.out_dir", "mlops.chosen_min_rating", "mlops.rejected_max_rating",
@@ -183,15 +180,13 @@ def build_feedback_data(logs_dir: str | Path, out_dir: str | Path, cfg: MlopsPar
 
 def main(argv: list[str] | None = None) -> int:
     "`python -m llmtwin_nb.mlops feedback [--params params.yaml] [-S mlops.key=value]`: the feedback stage."
-    from llmtwin_nb.core import parse_override, _set_dotted, Paths
+    from llmtwin_nb.core import Paths, add_params_args, raw_params
     from llmtwin_nb.data import load_documents
     from llmtwin_nb.sft import load_evalsets
     ap = argparse.ArgumentParser(prog="python -m llmtwin_nb.mlops", description=main.__doc__)
-    ap.add_argument("command", choices=["feedback"]); ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("command", choices=["feedback"]); add_params_args(ap, "mlops.chosen_min_rating=5")
     a = ap.parse_args(argv)
-    raw = yaml.safe_load(Path(a.params).read_text()) if Path(a.params).exists() else {}
-    for s in a.set: _set_dotted(raw, *parse_override(s))
+    raw = raw_params(a.params, a.set)
     try: cfg = section_params("mlops", raw.get("mlops") or {})
     except ParamsError as e: print(e, file=sys.stderr); return 1
     author = (raw.get("data") or {}).get("author")                          # the twin's name in the rows' system prompt
@@ -208,39 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"feedback stage: {rep['feedback_records']} feedback records, {rep['traces']} traces -> {rep['new_sft_rows']} SFT rows, "
           f"{rep['new_pairs']} preference pairs in {cfg.out_dir}")
     return 0
-
-# %% ../nbs/08_mlops.ipynb #4e2041f7
-def read_jsonl(path: str | Path) -> list[dict]:
-    "Rows of a JSONL file ([] when it is missing or empty); a bad line is an error naming file and line."
-    path, out = Path(path), []
-    if not path.exists(): return out
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip(): continue
-        try: out.append(json.loads(line))
-        except json.JSONDecodeError as e: raise ValueError(f"{path}:{i}: not a JSON line ({e}); rerun the feedback stage (dvc repro feedback)") from None
-    return out
-
-def append_feedback_sft(train, path: str | Path, tokenizer=None, max_length: int | None = None, seed: int = 42):
-    "`(train + the feedback stage's SFT rows in its schema, report)`: for the SFT chapter's instruct `train` split."
-    from datasets import Dataset, concatenate_datasets
-    from llmtwin_nb.sft import example_tokens
-    rows, cols = read_jsonl(path), list(train.column_names)
-    if cols and not {"prompt", "completion"} <= set(cols): raise ValueError(f"the train split needs prompt/completion columns, has {cols}")
-    if "tokens" in cols and tokenizer is None and rows: raise ValueError("the train split has a `tokens` column: pass the SFT tokenizer")
-    extra, too_long = [], 0
-    for r in rows:
-        if not (r.get("prompt") and r.get("completion")): raise ValueError(f"{path}: a row without prompt/completion: {json.dumps(r)[:120]}")
-        row = dict(prompt=r["prompt"], completion=r["completion"], doc_id=None, platform="feedback", kind="feedback",
-                   title=f"feedback {r.get('trace_id', '')}".strip(), instruction_source=f"feedback_{r.get('source', 'rating')}",
-                   tokens=example_tokens(tokenizer, r) if tokenizer is not None else None,
-                   answer_chars=len(r["completion"][-1]["content"]), split="train")
-        if max_length and row["tokens"] is not None and row["tokens"] > max_length: too_long += 1; continue
-        extra.append({c: row.get(c) for c in cols} if cols else row)
-    rep = dict(feedback_rows=len(extra), feedback_rows_too_long=too_long, feedback_file_rows=len(rows))
-    if not extra: return train, rep
-    add = Dataset.from_list(extra)
-    if cols: add = add.cast(train.features)
-    return (concatenate_datasets([train, add]) if len(train) else add).shuffle(seed=seed), rep
 
 # %% ../nbs/08_mlops.ipynb #429d97d6
 def bootstrap_diff(a: list[float], b: list[float], n: int = 1000, seed: int = 0, level: float = 0.95) -> dict:

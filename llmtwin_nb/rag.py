@@ -15,7 +15,7 @@ from pydantic import Field
 
 from .core import (ParamsError, Section, register_params, section_params, get_paths, resolve_model,
                              load_embedder, model_fingerprint, make_backend, hardware_info, write_json,
-                             seed_everything, pick_device)
+                             seed_everything, pick_device, read_jsonl)
 from .data import load_documents
 
 
@@ -793,9 +793,7 @@ def resolve_sources(sources: list[dict], docs: list[dict]) -> list[str]:
 
 def load_gold(path: str | Path, docs: list[dict]) -> list[dict]:
     items = []
-    for line in Path(path).read_text().splitlines():
-        if not line.strip(): continue
-        g = json.loads(line)
+    for g in read_jsonl(path, "one gold item per line (id, question, answer, sources)"):
         ids = resolve_sources(g["sources"], docs)
         if not ids: raise ValueError(f"gold item {g['id']}: none of its sources {g['sources']} is in the warehouse")
         items.append(dict(id=g["id"], question=g["question"], answer=g["answer"], doc_ids=ids, source="gold",

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from .core import (ParamsError, Section, register_params, section_params, get_paths, write_json, hardware_info,
-                             seed_everything, pick_device, pick_dtype, load_llm, resolve_model, make_backend, cache_dir)
+                             seed_everything, pick_device, pick_dtype, load_llm, resolve_model, make_backend, cache_dir, read_jsonl)
 
 # %% auto #0
 __all__ = ['SYSTEM_PROMPT', 'STOPWORDS', 'MAX_CODE_RATIO', 'SHOTS', 'BT_SYSTEM', 'WEAK_WORDS', 'PLATFORM_NAMES', 'TRAIN_KEYS',
@@ -22,8 +22,8 @@ __all__ = ['SYSTEM_PROMPT', 'STOPWORDS', 'MAX_CODE_RATIO', 'SHOTS', 'BT_SYSTEM',
            'validate_instruction', 'key_phrase', 'template_instruction', 'continuation_cue', 'outline_points',
            'style_instruction', 'draw_task', 'book_messages', 'parse_pairs', 'chat_example', 'example_tokens',
            'build_instruct_dataset', 'load_mix_rows', 'dataset_version', 'write_dataset_card', 'save_instruct_dataset',
-           'CheckpointMismatch', 'train_config', 'last_checkpoint', 'check_checkpoint', 'peak_memory_mb',
-           'process_rank', 'is_main_process', 'local_device', 'ddp_args', 'save_adapter', 'train_sft',
+           'append_feedback_sft', 'CheckpointMismatch', 'train_config', 'last_checkpoint', 'check_checkpoint',
+           'peak_memory_mb', 'process_rank', 'is_main_process', 'local_device', 'ddp_args', 'save_adapter', 'train_sft',
            'save_sft_outputs', 'curves', 'main']
 
 # %% ../nbs/03_sft.ipynb #360eaf69
@@ -172,14 +172,10 @@ def load_evalsets(folder: str | Path) -> dict[str, list[dict]]:
     "Every `*.jsonl` evaluation set in `folder` (`{name: rows}`); a malformed row is an error naming file and line."
     out = {}
     for f in sorted(Path(folder).glob("*.jsonl")) if Path(folder).is_dir() else []:
-        rows = []
-        for i, line in enumerate(f.read_text().splitlines(), 1):
-            if not line.strip(): continue
-            try: r = json.loads(line)
-            except ValueError as e: raise ValueError(f"{f}:{i} is not valid JSON ({e}); fix or remove the evaluation set") from None
+        rows = read_jsonl(f, "one evaluation item per line (id, text, doc_ids); fix or remove the evaluation set")
+        for i, r in enumerate(rows, 1):
             if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-                raise ValueError(f"{f}:{i} has no string `text` field (evalset contract: id, text, doc_ids)")
-            rows.append(r)
+                raise ValueError(f"{f}: item {i} has no string `text` field (evalset contract: id, text, doc_ids)")
         out[f.stem] = rows
     return out
 
@@ -512,6 +508,30 @@ def save_instruct_dataset(ds, report: dict, out: str | Path) -> Path:
     shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
     return out
 
+# %% ../nbs/03_sft.ipynb #37fc1d6f
+def append_feedback_sft(train, path: str | Path, tokenizer=None, max_length: int | None = None, seed: int = 42):
+    "`(train + the feedback stage's SFT rows in its schema, report)`: for the SFT chapter's instruct `train` split."
+    from datasets import Dataset, concatenate_datasets
+    path = Path(path)
+    rows = read_jsonl(path, "one SFT row per line (prompt, completion); rerun the feedback stage (dvc repro feedback)") if path.exists() else []
+    cols = list(train.column_names)
+    if cols and not {"prompt", "completion"} <= set(cols): raise ValueError(f"the train split needs prompt/completion columns, has {cols}")
+    if "tokens" in cols and tokenizer is None and rows: raise ValueError("the train split has a `tokens` column: pass the SFT tokenizer")
+    extra, too_long = [], 0
+    for r in rows:
+        if not (r.get("prompt") and r.get("completion")): raise ValueError(f"{path}: a row without prompt/completion: {json.dumps(r)[:120]}")
+        row = dict(prompt=r["prompt"], completion=r["completion"], doc_id=None, platform="feedback", kind="feedback",
+                   title=f"feedback {r.get('trace_id', '')}".strip(), instruction_source=f"feedback_{r.get('source', 'rating')}",
+                   tokens=example_tokens(tokenizer, r) if tokenizer is not None else None,
+                   answer_chars=len(r["completion"][-1]["content"]), split="train")
+        if max_length and row["tokens"] is not None and row["tokens"] > max_length: too_long += 1; continue
+        extra.append({c: row.get(c) for c in cols} if cols else row)
+    rep = dict(feedback_rows=len(extra), feedback_rows_too_long=too_long, feedback_file_rows=len(rows))
+    if not extra: return train, rep
+    add = Dataset.from_list(extra)
+    if cols: add = add.cast(train.features)
+    return (concatenate_datasets([train, add]) if len(train) else add).shuffle(seed=seed), rep
+
 # %% ../nbs/03_sft.ipynb #2dd8716b
 class CheckpointMismatch(RuntimeError):
     "A checkpoint written by a different training configuration."
@@ -753,10 +773,8 @@ def main(argv=None):
     Runs as `python -m llmtwin_nb.sft` or under `accelerate launch [--config_file ...] -m llmtwin_nb.sft`."""
     import argparse
     from datasets import load_from_disk
-    from llmtwin_nb.core import load_params
-    ap = argparse.ArgumentParser(prog="python -m llmtwin_nb.sft", description=main.__doc__)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE", help="override a parameter, e.g. -S sft.max_steps=10")
+    from llmtwin_nb.core import load_params, add_params_args
+    ap = add_params_args(argparse.ArgumentParser(prog="python -m llmtwin_nb.sft", description=main.__doc__), "sft.max_steps=10")
     ap.add_argument("--data", help="instruct dataset folder (save_to_disk with train/test; default: artifacts/instruct)")
     ap.add_argument("--out", help="output folder for adapter/, merged/, README.md (default: models/sft)")
     ap.add_argument("--checkpoint-dir", help="checkpoint root (default: sft.checkpoint_dir)")

@@ -164,7 +164,7 @@ def test_feedback_pairs_are_loaded_in_the_chapter_schema(tmp_path):
     assert len(got) == 2 and check_pairs(got) == 2 and set(got[0]) == {"prompt", "chosen", "rejected", "doc_id", "split"}
     assert got[0]["doc_id"] == "feedback-0123" and got[1]["doc_id"].startswith("feedback-") and {p["split"] for p in got} == {"train"}
     f.write_text(json.dumps(pair) + "\n{torn\n")
-    with pytest.raises(ValueError, match="preference.jsonl:2"): load_feedback_pairs(f)
+    with pytest.raises(ValueError, match="preference.jsonl: line 2 is not valid JSON"): load_feedback_pairs(f)
     f.write_text(json.dumps(dict(pair, rejected=pair["chosen"])) + "\n")
     with pytest.raises(ValueError, match="chosen == rejected"): load_feedback_pairs(f)
 

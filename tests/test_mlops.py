@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 import pytest, yaml
 
-from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, OFF_TOPIC_QUESTIONS, append_feedback_sft, build_feedback_data, cost_per_variant, drift_check,
+from llmtwin_nb.sft import append_feedback_sft
+from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, OFF_TOPIC_QUESTIONS, build_feedback_data, cost_per_variant, drift_check,
                               feedback_to_data, run_simulation, sim_requests, topic_questions, training_reference)
 from llmtwin_nb.serve import ABRouter, FeedbackLog, PromptRegistry, assign_variant, parse_weights, read_traces
 
