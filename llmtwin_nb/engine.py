@@ -86,30 +86,34 @@ class RunningBatch:
     def __init__(self, model): self.model, self.rows, self.cache, self.mask = model, [], None, None
     def __len__(self): return len(self.rows)
 
-    def prefill(self, ids: list[int]):
-        "One prompt alone through the model, exactly as unbatched `generate` does: (its KV cache, its next-token logits)."
+    def prefill(self, prompts: list[list[int]]):
+        """The newcomers' prompts through the model in one forward pass (left-padded, per-row positions; one prompt: exactly
+        as unbatched `generate`): (their KV cache, their 2-D mask, their next-token logits [n, vocab])."""
         import torch
         from transformers import DynamicCache
+        dev, L = self.model.device, max(len(p) for p in prompts)
+        ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts], device=dev)
+        mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts], device=dev)
         cache = DynamicCache(config=self.model.config)
-        out = self.model(input_ids=torch.tensor([ids], device=self.model.device), past_key_values=cache, use_cache=True, logits_to_keep=1)
-        return cache, out.logits[0, -1].float()
+        out = self.model(input_ids=ids, attention_mask=mask if len(prompts) > 1 else None, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                         past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, mask, out.logits[:, -1].float()
 
-    def join(self, row: DecodeRow, cache):
-        "Merge a prefilled request into the batch: left-pad the shorter side's keys, values and mask, then stack the rows."
+    def join(self, rows: list[DecodeRow], cache, mask):
+        "Merge prefilled requests into the batch: left-pad the shorter side's keys, values and mask, then stack the rows."
         import torch
         from transformers.cache_utils import DynamicLayer
         if any(type(l) is not DynamicLayer for l in cache.layers):
             raise NotImplementedError(f"continuous batching merges plain DynamicLayer caches; this model's are "
                                       f"{sorted({type(l).__name__ for l in cache.layers})}: set serve.scheduler: static")
-        n = cache.layers[0].keys.shape[-2]
-        mask = torch.ones(1, n, dtype=torch.long, device=self.model.device)
-        if self.cache is None: self.cache, self.mask, self.rows = cache, mask, [row]; return
+        n = mask.shape[1]
+        if self.cache is None: self.cache, self.mask, self.rows = cache, mask, list(rows); return
         T = self.mask.shape[1]; L = max(T, n)
         for mine, new in zip(self.cache.layers, cache.layers):
             mine.keys = torch.cat([left_pad(mine.keys, L, -2), left_pad(new.keys, L, -2)])
             mine.values = torch.cat([left_pad(mine.values, L, -2), left_pad(new.values, L, -2)])
         self.mask = torch.cat([left_pad(self.mask, L, 1), left_pad(mask, L, 1)])
-        self.rows.append(row)
+        self.rows += rows
 
     def step(self):
         "One decoding step for every row: its last token at its own position. The next-token logits, [rows, vocab]."
@@ -200,25 +204,42 @@ class StaticScheduler:
 
 # %% ../nbs/06b_engine.ipynb #8bde9bc6
 class ContinuousScheduler:
-    """Continuous (iteration-level) batching, the default: every step, waiting requests are prefilled one by one and join the
-    running batch; then one token is decoded for every row; a row that ends (end of sequence, its own `max_tokens`, or an
+    """Continuous (iteration-level) batching, the default: every step, the waiting requests are prefilled together and join
+    the running batch; then one token is decoded for every row; a row that ends (end of sequence, its own `max_tokens`, or an
     error) leaves at once and its answer goes back. Greedy outputs equal unbatched greedy decoding of each request."""
     def _admit(self, batch: RunningBatch):
+        "Take the waiting requests (while there is room), prefill them together, and merge the ones that go on into the batch."
         import torch
-        while len(batch) < self.max_batch_size:
-            try: j = self._next(0.1 if not len(batch) else 0)      # idle: wait for work; busy: take only what is already there
-            except queue.Empty: return
+        rows, prompts = [], []
+        while len(batch) + len(rows) < self.max_batch_size:
+            try: j = self._next(0.1 if not len(batch) and not rows else 0)   # idle: wait for work; busy: take what is there
+            except queue.Empty: break
             if not j.future.set_running_or_notify_cancel(): continue
             try:
                 self._check(j, "prefill")
                 text = self.tok.apply_chat_template(j.messages, add_generation_prompt=True, tokenize=False)
-                ids = self.tok(text, add_special_tokens=False)["input_ids"]
-                row = DecodeRow(j, len(ids), time.perf_counter())
+                prompts.append(self.tok(text, add_special_tokens=False)["input_ids"])
+                rows.append(row := DecodeRow(j, len(prompts[-1]), time.perf_counter()))
                 if j.temperature > 0: row.gen = torch.Generator(device=self.model.device).manual_seed(j.seed)
                 if j.on_text: j.delta = TextDelta(self.tok, j.on_text)
-                with torch.inference_mode(): cache, logits = batch.prefill(ids)
-            except Exception as e: self._fail(j, e); continue
-            if self._advance(row, logits, "prefill"): batch.join(row, cache)
+            except Exception as e:
+                if rows and rows[-1].job is j: rows.pop(); prompts.pop()
+                self._fail(j, e)
+        if not rows: return
+        try:
+            with torch.inference_mode(): cache, mask, logits = batch.prefill(prompts)
+        except Exception as e:                      # the shared prefill broke: each newcomer fails (the running rows go on)
+            for r in rows: self._fail(r.job, e)
+            return
+        keep = [i for i, (r, lg) in enumerate(zip(rows, logits)) if self._advance(r, lg, "prefill")]
+        if len(keep) < len(rows):
+            if not keep: return
+            t = torch.tensor(keep, device=mask.device); cache.batch_select_indices(t); mask = mask[t]
+            first = int(mask.any(0).long().argmax())
+            if first:
+                for l in cache.layers: l.keys, l.values = l.keys[..., first:, :], l.values[..., first:, :]
+                mask = mask[:, first:]
+        batch.join([rows[i] for i in keep], cache, mask)
 
     def _advance(self, row: DecodeRow, logits, phase: str) -> bool:
         "Pick the row's next token; False when the request is finished (answered) or failed (its error set), True to go on."
