@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .core import (BackendError, ChatResult, OpenAIChatBackend, ParamsError, Section, UpstreamError, get_paths,
                              hardware_info, load_embedder, load_llm, load_params, pick_device, register_params,
                              section_params, seed_everything, write_json)
+from .engine import BatchEngine, QueueFull
 
 log = logging.getLogger("llmtwin_nb.serve")
 
@@ -25,10 +26,10 @@ __all__ = ['log', 'FEEDBACK_FILE', 'TRAINED_MODELS', 'INJECTION_PATTERNS', 'THUM
            'parse_variants', 'ServeParams', 'resolve_serve_model', 'repo_relative', 'Source', 'Retriever',
            'assemble_context', 'EmbeddingRetriever', 'RagRetriever', 'load_retriever', 'reader_question',
            'reader_questions', 'PromptTemplate', 'PromptRegistry', 'cited_numbers', 'find_injection', 'Tracer',
-           'LogRead', 'FeedbackLog', 'TraceIndex', 'read_traces', 'normalize_rating', 'FeedbackIn', 'QueueFull',
-           'GenJob', 'CharTokenizer', 'BatchEngine', 'assign_variant', 'ABRouter', 'ApiError', 'TextPart',
-           'ChatMessage', 'ChatRequest', 'RagRequest', 'invalid_text', 'parse_body', 'BodyLimit', 'ServeMetrics',
-           'Variant', 'Prepared', 'ServeState', 'StreamMasker', 'create_app', 'ServerThread', 'main', 'load_test']
+           'LogRead', 'FeedbackLog', 'TraceIndex', 'read_traces', 'normalize_rating', 'FeedbackIn', 'assign_variant',
+           'ABRouter', 'ApiError', 'TextPart', 'ChatMessage', 'ChatRequest', 'RagRequest', 'invalid_text', 'parse_body',
+           'BodyLimit', 'ServeMetrics', 'Variant', 'Prepared', 'ServeState', 'StreamMasker', 'create_app',
+           'ServerThread', 'main', 'poisson_arrivals', 'load_test', 'compare_schedulers']
 
 # %% ../nbs/07_serving.ipynb #8b6e29fc
 def parse_weights(spec: str | dict, what: str = "serve.split") -> dict[str, float]:
@@ -74,8 +75,10 @@ class ServeParams(Section):
     reranker: str = Field("lexical", min_length=1, description="none | trained | lexical | a CrossEncoder hub id or folder (as rag.reranker)")
     top_k: int = Field(3, gt=0, le=50)
     context_tokens: int = Field(256, gt=0, description="token budget for retrieved context in the prompt")
-    max_batch_size: int = Field(8, gt=0, le=512)
-    batch_wait_ms: float = Field(20, ge=0, le=5000)
+    scheduler: Literal["continuous", "static"] = Field("continuous", description="continuous: requests join and leave the running "
+                                                      "batch at every decoding step; static: one `generate` per collected batch")
+    max_batch_size: int = Field(8, gt=0, le=512, description="requests decoding together (static: per generate call)")
+    batch_wait_ms: float = Field(20, ge=0, le=5000, description="static scheduler: how long to wait to fill a batch")
     max_queue: int = Field(64, gt=0, description="requests queued or running at once; more get 429")
     max_prompt_tokens: int = Field(1024, gt=0)
     max_new_tokens: int = Field(256, gt=0)
@@ -108,6 +111,11 @@ class ServeParams(Section):
     load_requests: int = Field(56, ge=1)
     load_concurrency: int = Field(8, ge=1)
     load_max_tokens: int = Field(16, gt=0)
+    bench_rates: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1,
+                                     description="scheduler benchmark: Poisson arrival rates (requests/s), one run per rate and scheduler")
+    bench_requests: int = Field(12, ge=2, description="scheduler benchmark: requests per rate")
+    bench_max_tokens: int = Field(20, gt=0, description="scheduler benchmark: new tokens per request")
+    bench_seed: int = Field(0, description="scheduler benchmark: seed of the arrival times")
 
     @model_validator(mode="after")
     def _check(self):
@@ -508,197 +516,6 @@ class FeedbackIn(BaseModel):
     def _rating(cls, v):
         normalize_rating(v)
         return v.strip().lower() if isinstance(v, str) else v
-
-# %% ../nbs/07_serving.ipynb #5122cfcf
-class QueueFull(RuntimeError):
-    "Too many requests queued or running (HTTP 429)."
-
-@dataclasses.dataclass
-class GenJob:
-    messages: list[dict]
-    max_new_tokens: int
-    temperature: float
-    future: cf.Future
-    on_text: Optional[Callable[[str], None]] = None      # streaming: called from the worker with text pieces
-    seed: int = 0
-
-def _text_streamer(tok, emit):
-    from transformers import TextStreamer
-    class _Delta(TextStreamer):
-        def on_finalized_text(self, text, stream_end=False):
-            if text: emit(text)
-    return _Delta(tok, skip_prompt=True, skip_special_tokens=True)
-
-class CharTokenizer:
-    "Four characters a token: the stand-in tokenizer when the model is remote (openai backend) and its tokenizer unknown."
-    def __call__(self, text: str, add_special_tokens: bool = False, **kw) -> dict:
-        return {"input_ids": [text[i:i + 4] for i in range(0, len(text), 4)]}
-    def decode(self, ids, **kw) -> str: return "".join(ids)
-
-class BatchEngine:
-    "Owns the model; a worker thread batches queued requests into one `generate` call each."
-    def __init__(self, model=None, tokenizer=None, *, backend=None, name: str = "local", max_batch_size: int = 8,
-                 batch_wait_ms: float = 20, max_queue: int = 64, seed: int = 0):
-        self.model, self.tok, self.backend, self.name = model, tokenizer, backend, name
-        self.max_batch_size, self.batch_wait_ms, self.max_queue, self.seed = max_batch_size, batch_wait_ms, max_queue, seed
-        self.tok_lock = threading.Lock()      # a second tokenizer for the request threads: a fast tokenizer
-        self.count_tok = CharTokenizer()      # is not safe to share with the worker while it pads a batch
-        if self.tok is not None:
-            import copy
-            self.count_tok = copy.deepcopy(self.tok)
-            self.tok.padding_side = "left"
-            if self.tok.pad_token is None: self.tok.pad_token = self.tok.eos_token
-            gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-            self.eos_ids = {self.tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
-        self._q: queue.Queue = queue.Queue()
-        self._held: collections.deque = collections.deque()
-        self._inflight, self._lock = 0, threading.Lock()
-        self._stop = threading.Event(); self._thread = None
-        self.fail_next = 0
-        self.stats = Counter(); self.batch_sizes = Counter(); self.batch_seconds = 0.0
-        self.on_batch: Callable[[int, float], None] | None = None     # called with (batch size, seconds) after each batch (metrics)
-        self._pool = None                     # openai backend: one thread per request in flight (created on first use)
-
-    # --- lifecycle -------------------------------------------------------------------------------------------
-    def start(self) -> "BatchEngine":
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            self._thread = threading.Thread(target=self._loop, name="llmtwin-batcher", daemon=True); self._thread.start()
-        return self
-    def stop(self):
-        self._stop.set()
-        if self._thread: self._thread.join(timeout=30)
-        if self._pool: self._pool.shutdown(wait=False, cancel_futures=True)
-    @property
-    def inflight(self) -> int: return self._inflight
-
-    # --- tokens ----------------------------------------------------------------------------------------------
-    def count_prompt_tokens(self, messages: list[dict]) -> int:
-        "Tokens of the templated prompt (an estimate of 4 characters a token for a remote backend)."
-        if self.tok is None: return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
-        with self.tok_lock: return len(self.count_tok(self.prompt_text(messages), add_special_tokens=False)["input_ids"])
-    def count_tokens(self, text: str) -> int:
-        with self.tok_lock: return len(self.count_tok(text, add_special_tokens=False)["input_ids"])
-    def prompt_text(self, messages: list[dict]) -> str:
-        "The exact prompt string the model sees (chat template applied): what the trace records."
-        if self.tok is None: return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        return self.count_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-
-    # --- submit ----------------------------------------------------------------------------------------------
-    def submit(self, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
-               on_text: Callable[[str], None] | None = None) -> cf.Future:
-        "Queue a generation; the future resolves to a `ChatResult`. Raises `QueueFull` past `max_queue`."
-        with self._lock:
-            if self._inflight >= self.max_queue:
-                self.stats["rejected"] += 1
-                raise QueueFull(f"{self._inflight} requests are queued or running (serve.max_queue = {self.max_queue})")
-            self._inflight += 1
-        fut = cf.Future()
-        fut.add_done_callback(self._done)
-        self._q.put(GenJob(messages, max_new_tokens, temperature, fut, on_text, self.seed))
-        return fut
-    def _done(self, _):
-        with self._lock: self._inflight -= 1
-    def retry_after_s(self) -> int:
-        "A guess at when a slot frees up: the queue ahead times the mean batch time per request."
-        per = self.batch_seconds / max(1, self.stats["requests"]) if self.stats["requests"] else 1.0
-        return max(1, math.ceil(per * self._inflight / max(1, self.max_batch_size)))
-
-    # --- worker ----------------------------------------------------------------------------------------------
-    def _next(self, timeout):
-        if self._held: return self._held.popleft()
-        return self._q.get(timeout=timeout)
-
-    def _collect(self) -> list[GenJob] | None:
-        try: first = self._next(0.1)
-        except queue.Empty: return None
-        batch = [first]
-        if first.on_text is not None or self.max_batch_size == 1 or self.backend is not None: return batch   # remote: goes out at once
-        wait = self.batch_wait_ms / 1000
-        cap, skipped = time.monotonic() + 5 * wait, []   # wait `wait` after each arrival, 5x `wait` at most
-        while len(batch) < self.max_batch_size:
-            if self._held: j = self._held.popleft()
-            else:
-                left = min(wait, cap - time.monotonic())
-                if left <= 0: break
-                try: j = self._q.get(timeout=left)
-                except queue.Empty: break
-            if j.on_text is None and j.temperature == first.temperature: batch.append(j)
-            else: skipped.append(j)
-        self._held.extendleft(reversed(skipped))
-        return batch
-
-    def _loop(self):
-        while not self._stop.is_set():
-            batch = self._collect()
-            if not batch: continue
-            batch = [j for j in batch if j.future.set_running_or_notify_cancel()]
-            if not batch: continue
-            if self.backend is not None:          # a remote server batches on its side: never wait for another request's answer
-                if self._pool is None: self._pool = cf.ThreadPoolExecutor(self.max_queue, thread_name_prefix="llmtwin-upstream")
-                for j in batch: self._pool.submit(self._remote, j)
-                continue
-            t0 = time.perf_counter()
-            try:
-                results = self._generate(batch)
-            except Exception as e:                      # one failed batch must not stop the worker
-                log.exception("generation failed for a batch of %d", len(batch))
-                self.stats["failed_batches"] += 1
-                for j in batch: j.future.set_exception(e)
-                continue
-            dt = time.perf_counter() - t0
-            self._count(len(batch), dt)
-            for j, r in zip(batch, results): r.seconds = dt; j.future.set_result(r)
-
-    def _count(self, size: int, dt: float):
-        with self._lock: self.stats["batches"] += 1; self.stats["requests"] += size; self.batch_sizes[size] += 1; self.batch_seconds += dt
-        if self.on_batch: self.on_batch(size, dt)
-
-    def _remote(self, j: GenJob):
-        "One request to the OpenAI-compatible upstream; a stream passes each piece on as it arrives (`backend.stream`)."
-        t0 = time.perf_counter()
-        try:
-            with self._lock:
-                fail, self.fail_next = self.fail_next > 0, max(0, self.fail_next - 1)
-            if fail: raise RuntimeError("injected generation failure (BatchEngine.fail_next)")
-            kw = dict(max_new_tokens=j.max_new_tokens, temperature=j.temperature)
-            if j.on_text and hasattr(self.backend, "stream"): r = self.backend.stream(j.messages, j.on_text, **kw)
-            else:
-                r = self.backend.chat(j.messages, **kw)
-                if j.on_text and r.text: j.on_text(r.text)
-        except Exception as e:
-            log.warning("upstream request failed: %s: %s", type(e).__name__, e)
-            with self._lock: self.stats["failed_batches"] += 1
-            j.future.set_exception(e); return
-        r.seconds = time.perf_counter() - t0
-        self._count(1, r.seconds); j.future.set_result(r)
-
-    def _generate(self, jobs: list[GenJob]) -> list[ChatResult]:
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            raise RuntimeError("injected generation failure (BatchEngine.fail_next)")
-        import torch
-        texts = [self.tok.apply_chat_template(j.messages, add_generation_prompt=True, tokenize=False) for j in jobs]
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        temp = jobs[0].temperature; sample = temp > 0
-        if sample: torch.manual_seed(jobs[0].seed)
-        streamer = _text_streamer(self.tok, jobs[0].on_text) if jobs[0].on_text else None
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=max(j.max_new_tokens for j in jobs), do_sample=sample,
-                                      temperature=temp if sample else None, top_p=None, top_k=None,
-                                      pad_token_id=self.tok.pad_token_id, streamer=streamer)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
-        plens = enc["attention_mask"].sum(1).tolist()
-        results = []
-        for j, row, plen in zip(jobs, new, plens):
-            row = row[:j.max_new_tokens]
-            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            toks = row if stop is None else row[:stop]
-            finish = "stop" if stop is not None else "length"
-            results.append(ChatResult(self.tok.decode(toks, skip_special_tokens=True).strip(), self.name, int(plen),
-                                      len(toks) + (stop is not None), finish))
-        return results
-
 
 # %% ../nbs/07_serving.ipynb #088dae0c
 def assign_variant(key: str, variants: dict[str, float] | str, salt: str = "") -> str:
@@ -1128,7 +945,8 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
         loaded = dict(models or {})
         if model is not None: loaded[resolve_serve_model(cfg.model, models_llm, root)] = (model, tokenizer)
         given, used = set(loaded), set()
-        ekw = dict(name=cfg.served_name, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms, max_queue=cfg.max_queue, seed=seed)
+        ekw = dict(name=cfg.served_name, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms, max_queue=cfg.max_queue, seed=seed,
+                   scheduler=cfg.scheduler)
         try:
             for name, vref in cfg.variant_refs().items():
                 if cfg.backend == "openai":
@@ -1402,32 +1220,83 @@ if __name__ == "__main__" and not hasattr(sys, "ps1") and "ipykernel" not in sys
     sys.exit(main())
 
 # %% ../nbs/07_serving.ipynb #c51a835a
-async def _load(url: str, payloads: list[dict], concurrency: int, headers: dict | None = None, path: str = "/v1/chat/completions") -> dict:
+def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
+    "Send times (seconds from the start) of `n` requests arriving as a Poisson process of `rate` requests/s (seeded)."
+    rng, t, out = random.Random(seed), 0.0, []
+    for _ in range(n): out.append(round(t, 4)); t += rng.expovariate(rate)
+    return out
+
+def _pct(xs: list[float], q: float) -> float | None:
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(math.ceil(q * len(xs))) - 1)], 1) if xs else None
+
+async def _load(url: str, payloads: list[dict], concurrency: int, headers: dict | None = None, path: str = "/v1/chat/completions",
+                arrivals: list[float] | None = None, stream: bool = False) -> dict:
     import httpx
-    sem, lat, errors, tokens = asyncio.Semaphore(concurrency), [], [], 0
+    sem, lat, ttft, errors, tokens = asyncio.Semaphore(concurrency), [], [], [], 0
     async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers or {},
                                  limits=httpx.Limits(max_connections=concurrency)) as c:
-        async def one(body):
+        async def send(body) -> tuple[int, float | None]:
+            "(completion tokens, when the status line came: a stream's is sent once the engine made its first piece)"
+            if not stream:
+                r = await c.post(path, json=body)
+                if r.status_code != 200: raise ValueError(f"{r.status_code}: {r.text[:200]}")
+                return r.json()["usage"]["completion_tokens"], None
+            n = None
+            async with c.stream("POST", path, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+                first = time.perf_counter()
+                if r.status_code != 200: raise ValueError(f"{r.status_code}: {(await r.aread())[:200]!r}")
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]": continue
+                    ev = json.loads(line[6:])
+                    if "error" in ev: raise ValueError(ev["error"]["message"])
+                    if ev.get("usage"): n = ev["usage"]["completion_tokens"]
+            return n, first
+        async def one(i, body):
             nonlocal tokens
+            if arrivals is not None: await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
             async with sem:
                 t0 = time.perf_counter()
                 try:
-                    r = await c.post(path, json=body)
-                    if r.status_code != 200: errors.append(f"{r.status_code}: {r.text[:200]}"); return
-                    tokens += r.json()["usage"]["completion_tokens"]; lat.append((time.perf_counter() - t0) * 1000)
-                except httpx.HTTPError as e: errors.append(f"{type(e).__name__}: {e}")
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(b) for b in payloads))
-        wall = time.perf_counter() - t0
-    lat.sort()
-    pct = lambda q: round(lat[min(len(lat) - 1, int(math.ceil(q * len(lat))) - 1)], 1) if lat else None
+                    n, first = await send(body)
+                    tokens += n; lat.append((time.perf_counter() - t0) * 1000)
+                    if first is not None: ttft.append((first - t0) * 1000)
+                except (httpx.HTTPError, ValueError) as e: errors.append(f"{type(e).__name__}: {e}")
+        start = time.perf_counter()
+        await asyncio.gather(*(one(i, b) for i, b in enumerate(payloads)))
+        wall = time.perf_counter() - start
     return dict(requests=len(payloads), errors=len(errors), error_samples=errors[:3], concurrency=concurrency, wall_s=round(wall, 2),
-                p50_ms=pct(0.5), p95_ms=pct(0.95), requests_per_s=round(len(lat) / wall, 3), tokens_per_s=round(tokens / wall, 2),
-                completion_tokens=tokens)
+                p50_ms=_pct(lat, 0.5), p95_ms=_pct(lat, 0.95), requests_per_s=round(len(lat) / wall, 3), tokens_per_s=round(tokens / wall, 2),
+                completion_tokens=tokens, **(dict(ttft_ms_p50=_pct(ttft, 0.5), ttft_ms_p95=_pct(ttft, 0.95)) if stream else {}))
 
-def load_test(url: str, payloads: list[dict], concurrency: int = 8, headers: dict | None = None, path: str = "/v1/chat/completions") -> dict:
-    "Send `payloads` with `concurrency` requests in flight; latency percentiles, throughput, errors."
-    run = lambda: asyncio.run(_load(url, payloads, concurrency, headers, path))
+def load_test(url: str, payloads: list[dict], concurrency: int = 8, headers: dict | None = None, path: str = "/v1/chat/completions",
+              arrivals: list[float] | None = None, stream: bool = False) -> dict:
+    """Send `payloads` with `concurrency` requests in flight (each at its `arrivals` time, seconds from the start, if given;
+    `stream`: as SSE streams, timing the first token too); latency percentiles, throughput, errors."""
+    run = lambda: asyncio.run(_load(url, payloads, concurrency, headers, path, arrivals, stream))
     try: asyncio.get_running_loop()
     except RuntimeError: return run()
     with cf.ThreadPoolExecutor(1) as ex: return ex.submit(run).result()     # inside Jupyter's event loop
+
+# %% ../nbs/07_serving.ipynb #ceaa9256
+def compare_schedulers(url: str, engine: BatchEngine, payloads: list[dict], rates: list[float], seed: int = 0,
+                       schedulers=("static", "continuous"), saturated: float = 0.8) -> dict:
+    """Static vs continuous batching on the same server under the same Poisson arrivals (one seeded schedule per rate),
+    streamed so that the time to first token is measured. Static *saturates* at the lowest rate where it completes under
+    `saturated` x the offered rate (else the highest rate); the headline numbers are taken there."""
+    table, keep = [], engine.scheduler
+    try:
+        for rate in rates:
+            arrivals = poisson_arrivals(len(payloads), rate, seed)
+            for s in schedulers:
+                engine.use(s)
+                r = load_test(url, payloads, len(payloads), arrivals=arrivals, stream=True)
+                table.append(dict(rate=rate, scheduler=s, **{k: r[k] for k in ("requests", "errors", "requests_per_s", "tokens_per_s",
+                                  "ttft_ms_p50", "ttft_ms_p95", "p50_ms", "p95_ms", "completion_tokens", "wall_s")}))
+    finally: engine.use(keep)
+    row = {(t["rate"], t["scheduler"]): t for t in table}
+    sat = next((x for x in rates if row[(x, "static")]["requests_per_s"] < saturated * x), rates[-1])
+    st, co = row[(sat, "static")], row[(sat, "continuous")]
+    return dict(saturation_rate=sat, continuous_vs_static_throughput=round(co["tokens_per_s"] / st["tokens_per_s"], 2),
+                ttft_ms_p50=co["ttft_ms_p50"], ttft_ms_p95=co["ttft_ms_p95"], static_ttft_ms_p50=st["ttft_ms_p50"],
+                static_ttft_ms_p95=st["ttft_ms_p95"], schedulers_table=table)

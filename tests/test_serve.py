@@ -520,3 +520,84 @@ def test_reader_questions_come_from_the_documents():
         words = q["question"].removeprefix("What have you written about ").rstrip("?").replace(" and ", ", ").split(", ")
         assert all(w in d.content for w in words), (q, d.content)
     with pytest.raises(ValueError, match="dvc repro data"): reader_questions([])
+
+
+PROMPTS = ["Hi.", "Name three rivers in Europe and one fact about each.", "What is two plus two?",
+           "Write a short line about rain on a tin roof.", "Why is the sky blue? Explain it to a child in two sentences."]
+
+
+def _alone(model, tok, eos_ids, prompt, n):
+    "Unbatched greedy `generate` on one prompt: its new token ids up to (not including) the end of sequence."
+    import torch
+    ids = tok(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False),
+              add_special_tokens=False, return_tensors="pt")
+    with torch.inference_mode(): out = model.generate(**ids, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+    row = out[0, ids["input_ids"].shape[1]:].tolist()
+    return row[:next((i for i, t in enumerate(row) if t in eos_ids), len(row))]
+
+
+@pytest.fixture(scope="module")
+def engines(served):
+    "One engine per scheduler on the served model (their own tokenizers), and each prompt's unbatched greedy answer."
+    import copy
+    eng = {s: BatchEngine(served["model"], copy.deepcopy(served["tok"]), max_batch_size=8, batch_wait_ms=30, scheduler=s).start()
+           for s in ("continuous", "static")}
+    e = eng["continuous"]
+    refs = {p: _alone(served["model"], e.tok, e.eos_ids, p, 14) for p in PROMPTS}
+    yield eng, refs
+    for x in eng.values(): x.stop()
+
+
+def test_continuous_batching_equals_unbatched_greedy_with_staggered_arrivals(engines):
+    eng, refs = engines
+    e = eng["continuous"]; e.batch_sizes.clear()
+    pieces, futs = [], []
+    for i, p in enumerate(PROMPTS):                         # each arrives while the earlier ones are decoding
+        futs.append(e.submit([{"role": "user", "content": p}], 14 - i, on_text=pieces.append if i == 1 else None))
+        time.sleep(0.12)
+    for i, (p, f) in enumerate(zip(PROMPTS, futs)):
+        r = f.result(timeout=120)
+        assert r.token_ids == refs[p][:14 - i], (p, r.token_ids, refs[p])
+        assert r.finish_reason == ("stop" if len(refs[p]) < 14 - i else "length")
+        assert r.completion_tokens == len(r.token_ids) + (r.finish_reason == "stop")
+    assert "".join(pieces).strip() == futs[1].result().text               # the stream is the answer, piece by piece
+    assert max(e.batch_sizes) > 1 and len(e.batch_sizes) > 1, dict(e.batch_sizes)   # rows joined and left the running batch
+
+
+@pytest.mark.parametrize("scheduler,phase", [("continuous", "decode"), ("continuous", "prefill"), ("static", "prefill")])
+def test_a_failing_request_fails_alone(engines, scheduler, phase):
+    eng, refs = engines
+    e, seen = eng[scheduler], []
+    def fault(j, ph):
+        if "rivers" in j.messages[-1]["content"] and ph == phase:
+            seen.append(ph)
+            if phase == "prefill" or len(seen) == 3: raise RuntimeError("injected fault in the rivers request")   # decode: its 3rd step
+    e.fault = fault
+    try:
+        futs = {p: e.submit([{"role": "user", "content": p}], 14) for p in PROMPTS}
+        with pytest.raises(RuntimeError, match="rivers request"): futs[PROMPTS[1]].result(timeout=120)
+        for p in PROMPTS:
+            if p != PROMPTS[1]: assert futs[p].result(timeout=120).token_ids == refs[p], p
+    finally: e.fault = None
+    assert e.submit([{"role": "user", "content": PROMPTS[1]}], 14).result(timeout=120).token_ids == refs[PROMPTS[1]]   # the worker goes on
+
+
+def test_a_failing_request_over_http_fails_alone_and_the_others_stream(served):
+    eng = served["state"].engine
+    assert eng.scheduler == "continuous"
+    def fault(j, ph):
+        if "rivers" in j.messages[-1]["content"] and ph == "decode": raise RuntimeError("injected fault in the rivers request")
+    async def go():
+        async with httpx.AsyncClient(base_url=served["url"], timeout=120) as c:
+            async def one(p):
+                async with c.stream("POST", "/v1/chat/completions", json={"model": "llmtwin", "max_tokens": 10, "stream": True,
+                                    "messages": [{"role": "user", "content": p}]}) as r:
+                    return r.status_code, [l async for l in r.aiter_lines() if l]
+            return await asyncio.gather(*(one(p) for p in PROMPTS[:3]))
+    eng.fault = fault
+    try: res = asyncio.run(go())
+    finally: eng.fault = None
+    ok = [res[0], res[2]]
+    assert all(s == 200 and lines[-1] == "data: [DONE]" and any('"finish_reason": "' in l for l in lines) for s, lines in ok), ok
+    status, lines = res[1]                                   # it fails after its first piece (the status line is sent): an SSE error
+    assert (status == 500 and "rivers" in " ".join(lines)) or (status == 200 and any("generation_failed" in l for l in lines)), res[1]
