@@ -18,7 +18,7 @@ from .core import (ParamsError, Section, register_params, section_params, load_p
                              LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir,
                              atomic_write_text, read_jsonl)
 from .hygiene import sentences
-from .stats import bootstrap_ci, cluster_means, mean_diff_ci
+from .stats import MIN_ITEMS_FOR_SIGNIFICANCE, bootstrap_ci, cluster_means, mean_diff_ci
 
 # %% auto #0
 __all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'LMEVAL_TASK', 'RAG_SYSTEM', 'PLOT_METRICS', 'EvalParams',

@@ -1194,14 +1194,12 @@ class ServerThread:
 def main(argv: list[str] | None = None) -> int:
     "Console script: serve the twin (`llmtwin-serve [--params params.yaml] [--host H] [--port P] [-S serve.key=value]`)."
     import uvicorn
-    from llmtwin_nb.core import parse_override, _set_dotted
-    ap = argparse.ArgumentParser(prog="llmtwin-serve", description=main.__doc__)
-    ap.add_argument("--params", default="params.yaml"); ap.add_argument("--host"); ap.add_argument("--port", type=int)
-    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE")
+    from llmtwin_nb.core import add_params_args, raw_params
+    ap = add_params_args(argparse.ArgumentParser(prog="llmtwin-serve", description=main.__doc__), "serve.port=8001")
+    ap.add_argument("--host"); ap.add_argument("--port", type=int)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    raw = yaml.safe_load(Path(a.params).read_text()) if Path(a.params).exists() else {}
-    for s in a.set: _set_dotted(raw, *parse_override(s))
+    raw = raw_params(a.params, a.set)
     try:
         cfg = section_params("serve", raw.get("serve") or {})
         c, m = section_params("core", raw.get("core") or {}), section_params("models", raw.get("models") or {})

@@ -172,7 +172,7 @@ def load_evalsets(folder: str | Path) -> dict[str, list[dict]]:
     "Every `*.jsonl` evaluation set in `folder` (`{name: rows}`); a malformed row is an error naming file and line."
     out = {}
     for f in sorted(Path(folder).glob("*.jsonl")) if Path(folder).is_dir() else []:
-        rows = read_jsonl(f, "one evaluation item per line (id, text, doc_ids); fix or remove the evaluation set")
+        rows = read_jsonl(f, "one evaluation item per line (id, text, doc_ids)")
         for i, r in enumerate(rows, 1):
             if not isinstance(r, dict) or not isinstance(r.get("text"), str):
                 raise ValueError(f"{f}: item {i} has no string `text` field (evalset contract: id, text, doc_ids)")
