@@ -37,7 +37,7 @@ class EvalParams(Section):
                         pattern=r"^[A-Za-z0-9_\-]+=[^,=]+(,[A-Za-z0-9_\-]+=[^,=]+)*$",
                         description="name=model reference pairs, comma separated; the first is the baseline")
     instruct: str = Field("artifacts/instruct", min_length=1, description="the SFT chapter's instruct dataset (its test split is the test set)")
-    repetition_penalty: float = Field(1.0, ge=1.0, le=2.0, description="answers: >1 penalises tokens already generated (HF generate); 1: off")
+    repetition_penalty: float = Field(1.2, ge=1.0, le=2.0, description="answers: >1 penalises tokens already generated (HF generate); 1: off")
     no_repeat_ngram_size: int = Field(0, ge=0, le=20, description="answers: forbid repeating any n-gram of this size; 0: off")
     max_prompts: int = Field(100, gt=0, description="held-out instructions every model answers (all of the test split when it has fewer)")
     max_new_tokens: int = Field(80, gt=0, le=4096)
