@@ -19,12 +19,15 @@ TABLES = [
     ("sft.json", "SFT", [("train_examples", "train examples"), ("train_loss_first", "loss first"), ("train_loss_last", "loss last"),
                          ("eval_loss_base", "eval loss (base)"), ("eval_loss", "eval loss (SFT)"), ("seconds", "seconds")]),
     ("dpo.json", "DPO", [("train_pairs", "train pairs"), ("eval_reward_accuracy", "eval reward accuracy"), ("eval_reward_margin", "eval reward margin"), ("seconds", "seconds")]),
-    ("inference.json", "Inference (CPU)", [("kv_cache_speedup", "KV-cache speed-up"), ("batch8_throughput_speedup", "batch-8 throughput speed-up"),
+    ("inference.json", "Inference (CPU)", [("kv_cache_speedup", "KV-cache speed-up"), ("batch8_throughput_speedup", "batch-8 throughput speed-up (length bucket)"),
+                                           ("batch8_throughput_speedup_arrival_order", "batch-8 speed-up (arrival order)"), ("roofline_bound.bound", "roofline bound"),
                                            ("memory_bandwidth_gbs", "memory bandwidth GB/s"), ("roofline_fraction_batch1", "roofline fraction, batch 1")]),
     ("mlops.json", "MLOps loop (simulated traffic through the real server)",
      [("feedback_records", "feedback records"), ("new_pairs", "new preference pairs"), ("new_sft_rows", "new SFT rows"),
       ("ab_max_abs_error", "A/B split max abs error"), ("drift_score", "drift score"), ("drift_flag", "drift flagged"), ("error_rate", "error rate")]),
-    ("serve.json", "Serving", [("requests", "requests"), ("errors", "errors"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("requests_per_s", "requests/s"), ("batching_speedup", "batching speed-up")]),
+    ("serve.json", "Serving", [("requests", "requests"), ("errors", "errors"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("requests_per_s", "requests/s"), ("batching_speedup", "batching speed-up"),
+                               ("continuous_vs_static_throughput", "continuous / static throughput at saturation"), ("ttft_ms_p95", "TTFT p95 ms, continuous"),
+                               ("static_ttft_ms_p95", "TTFT p95 ms, static")]),
 ]
 
 def get(d, path):
