@@ -153,7 +153,11 @@ def test_push_then_pull_into_a_second_clone_leaves_nothing_to_reproduce(tmp_path
         subprocess.run(["dvc", "status", f"dvc.yaml:{s}"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300))
     stages = [s for s in STAGES if clean(s)]          # in the pipeline copy of scripts/test.sh: all of them
     if "data" not in stages: pytest.skip("the data stage's outputs here do not match dvc.lock: run inside the pipeline copy (scripts/test.sh)")
-    if os.environ.get("LLMTWIN_SMOKE_COPY") == "1": assert stages == STAGES, f"stages not up to date after the smoke pipeline: {set(STAGES) - set(stages)}"
+    # in the test command's pipeline copy every stage whose outputs nbdev_test leaves alone is up to date (00_core and
+    # 08_mlops rewrite their own metrics when their notebooks are tested, so those two may not be)
+    if os.environ.get("LLMTWIN_SMOKE_COPY") == "1":
+        need = {"data", "rag", "sft", "dpo", "eval", "export"}
+        assert need <= set(stages), f"stages not up to date after the smoke pipeline: {need - set(stages)}"
     print("stages pushed and pulled:", stages)
     targets = [f"dvc.yaml:{s}" for s in stages] + ["data.dvc"]
     remote, a, b = tmp_path / "remote", tmp_path / "a", tmp_path / "b"
@@ -166,8 +170,11 @@ def test_push_then_pull_into_a_second_clone_leaves_nothing_to_reproduce(tmp_path
     for s in stages:
         for o in lock["stages"][s].get("outs", []):
             src = ROOT / o["path"]
-            if "md5" in o and not o["md5"].endswith(".dir") and src.is_file() and o["path"].startswith("results/"):
-                (a / o["path"]).parent.mkdir(parents=True, exist_ok=True); shutil.copy2(src, a / o["path"]); tracked.append(o["path"])
+            if "md5" in o and o["path"].startswith("results/") and src.exists():       # git-tracked (cache: false) files and folders
+                (a / o["path"]).parent.mkdir(parents=True, exist_ok=True)
+                if src.is_dir(): shutil.rmtree(a / o["path"], ignore_errors=True); shutil.copytree(src, a / o["path"])
+                else: shutil.copy2(src, a / o["path"])
+                tracked.append(o["path"])
     _sh(*git, "add", "-f", "dvc.lock", *tracked, cwd=a)
     _sh(*git, "commit", "-qm", "cite: dvc.lock + results", "--allow-empty", cwd=a)
     # a's DVC cache is this copy's (read only); its remote a fresh folder, set the way the README says (one command, --local)
