@@ -18,17 +18,17 @@ from .core import (ParamsError, Section, register_params, section_params, load_p
                              LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir,
                              atomic_write_text, read_jsonl)
 from .hygiene import sentences
-from .stats import MIN_ITEMS_FOR_SIGNIFICANCE, bootstrap_ci, cluster_means, mean_diff_ci
+from .stats import MIN_ITEMS_FOR_SIGNIFICANCE, bootstrap_ci, cluster_mean_diff_ci, cluster_means, mean_diff_ci
 
 # %% auto #0
 __all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'LMEVAL_TASK', 'RAG_SYSTEM', 'PLOT_METRICS', 'EvalParams',
-           'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint', 'generate_batch', 'stopwatch', 'lap',
-           'save_generations', 'clip_text', 'passages', 'normalize_text', 'rhythm_features', 'TwinScorer', 'auc',
-           'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll', 'chat_nll', 'perplexity',
-           'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers', 'judge_answers_logprob',
-           'judge_sanity', 'repetition_stats', 'ppl_diff_ci', 'twin_position', 'mc_items', 'write_lmeval_task',
-           'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci',
-           'comparison_rows', 'plot_comparison']
+           'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint', 'active_guard', 'generate_batch',
+           'stopwatch', 'lap', 'save_generations', 'clip_text', 'passages', 'normalize_text', 'rhythm_features',
+           'TwinScorer', 'auc', 'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll', 'chat_nll',
+           'perplexity', 'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers',
+           'judge_answers_logprob', 'judge_sanity', 'repetition_stats', 'ppl_diff_ci', 'twin_position', 'mc_items',
+           'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means',
+           'paired_judge_ci', 'comparison_rows', 'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
@@ -126,6 +126,10 @@ def check_disjoint(test_rows, train_rows, split_of: dict[str, str] | None = None
         if bad: raise ValueError(f"{len(bad)} test rows come from warehouse documents not in the test split (e.g. {bad[:3]})")
 
 # %% ../nbs/05_eval.ipynb #f291ac83
+def active_guard(loop_guard: dict | None) -> dict:
+    "The loop-guard settings that change decoding: `None`, 0 and 1.0 are `generate`'s defaults, so they are dropped (same cache keys)."
+    return {k: v for k, v in (loop_guard or {}).items() if v not in (None, 0, 1.0)}
+
 def generate_batch(backend, prompts: list[list[dict]], max_new_tokens: int = 96, batch_size: int = 8, log=print,
                    loop_guard: dict | None = None) -> list[ChatResult]:
     """Greedy answers of `backend` to each prompt: left-padded batches for a local model, `backend.chat` otherwise; cached.
@@ -134,7 +138,7 @@ def generate_batch(backend, prompts: list[list[dict]], max_new_tokens: int = 96,
     if not hasattr(backend, "model") or not hasattr(backend, "tok"):
         return [backend.chat(p, max_new_tokens=max_new_tokens, temperature=0.0) for p in prompts]
     model, tok, cache = backend.model, backend.tok, getattr(backend, "cache", None)
-    guard = {k: v for k, v in (loop_guard or {}).items() if v not in (None, 0, 1.0)}     # the defaults change nothing: same cache keys
+    guard = active_guard(loop_guard)
     reqs = [backend.request(check_messages(p), max_new_tokens, 0.0) | ({"loop_guard": guard} if guard else {}) for p in prompts]
     out: list[ChatResult | None] = [None] * len(prompts)
     if isinstance(cache, ResponseCache):

@@ -10,7 +10,7 @@ from typing import Callable
 import numpy as np
 
 # %% auto #0
-__all__ = ['MIN_ITEMS_FOR_SIGNIFICANCE', 'bootstrap_ci', 'mean_diff_ci', 'cluster_means']
+__all__ = ['MIN_ITEMS_FOR_SIGNIFICANCE', 'bootstrap_ci', 'mean_diff_ci', 'cluster_means', 'cluster_mean_diff_ci']
 
 # %% ../nbs/00b_stats.ipynb #862bf1ca
 MIN_ITEMS_FOR_SIGNIFICANCE = 30   # below this a percentile bootstrap undercovers: report the interval, claim nothing
@@ -39,3 +39,12 @@ def cluster_means(scores, groups, B: int, rng) -> np.ndarray:
     sums, counts = np.bincount(inv, scores), np.bincount(inv)
     idx = rng.integers(0, len(sums), size=(B, len(sums)))
     return sums[idx].sum(1) / counts[idx].sum(1)
+
+# %% ../nbs/00b_stats.ipynb #c60e8f21
+def cluster_mean_diff_ci(a, b, groups, **kw) -> dict:
+    """Paired bootstrap CI of mean(a) - mean(b), resampling whole groups (documents) of items; `n` counts groups and the
+    mean is over items (a group weighs as many items as it holds)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    _, inv = np.unique(np.asarray(groups), return_inverse=True)
+    sums, counts = np.bincount(inv, d), np.bincount(inv)
+    return bootstrap_ci(lambda i: sums[i].sum(-1) / counts[i].sum(-1), len(sums), **kw) | dict(items=int(len(d)))

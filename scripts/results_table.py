@@ -90,14 +90,14 @@ def render() -> str:
         def gv(v, k): r = get(v, k); return "–" if r == "None" else r          # None: e.g. no judgement parsed
         out += [f"| {m} | " + (f"skipped: {v['skipped']} |" if "skipped" in v else " | ".join(gv(v, k) for k in keys + [k for k, _ in extra]) + " |") for m, v in ev.items()] + [""]
         diffs = full.get("differences", {})
-        dkeys = ["twin_score", "perplexity", "perplexity_chat", *jkeys]
+        dkeys = ["twin_score", "twin_score_by_document", "perplexity", "perplexity_chat", *jkeys]
         def ci(d):
             if not isinstance(d, dict) or "lo" not in d: return "–"
             few = "†" if d.get("n", 0) < 30 else ""
             return f"{d['diff']:+.3g} [{d['lo']:+.3g}, {d['hi']:+.3g}] n={d.get('n', '?')}{few}"
         if diffs:
-            out += ["Differences with 95% paired-bootstrap intervals (n = paired items; † fewer than 30 items: an interval, "
-                    "not a claim):", "", "| pair | " + " | ".join(dkeys) + " |", "|---|" + "---|" * len(dkeys)]
+            out += ["Differences with 95% paired-bootstrap intervals (n = paired items; twin_score_by_document resamples whole "
+                    "held-out documents, n = documents; † fewer than 30: an interval, not a claim):", "", "| pair | " + " | ".join(dkeys) + " |", "|---|" + "---|" * len(dkeys)]
             out += [f"| {p} | " + " | ".join(ci(d.get(k)) for k in dkeys) + " |" for p, d in diffs.items()] + [""]
         if isinstance(js, dict) and "prefers_reference" in js:
             out += [f"Judge: {full.get('judge')}; sanity check on {js['items']} items: it scores the author's own reference "
