@@ -696,7 +696,7 @@ def rouge_l(response: str, reference: str) -> float:
 
 def numpy_scores(samples: list[dict], metrics: tuple[str, ...] = ("rouge_l", "context_precision", "context_recall")) -> dict[str, list[float]]:
     "The fallback without ragas: ROUGE-L here and the chapter-02 context precision/recall (same definitions; no BLEU/chrF)."
-    from llmtwin_nb.rag import context_precision, context_recall
+    from llmtwin_nb.evalset import context_precision, context_recall
     f = dict(rouge_l=lambda s: rouge_l(s["response"], s["reference"]),
              context_precision=lambda s: context_precision(s["retrieved_contexts"], s["reference_contexts"]),
              context_recall=lambda s: context_recall(s["retrieved_contexts"], s["reference_contexts"]))

@@ -21,9 +21,9 @@ from .serve import (FEEDBACK_FILE, ABRouter, FeedbackLog, PromptRegistry, Server
 
 # %% auto #0
 __all__ = ['FEEDBACK_STAGE_PARAMS', 'TRACES_FILE', 'OFF_TOPIC_QUESTIONS', 'MlopsParams', 'variant_of', 'latest_feedback',
-           'feedback_to_data', 'write_jsonl', 'feedback_data', 'build_feedback_data', 'main', 'bootstrap_diff',
-           'compare_ratings', 'monitor_traces', 'cost_per_variant', 'mmd2', 'drift_check', 'training_reference',
-           'topic_questions', 'sim_requests', 'simulated_rating', 'run_simulation']
+           'clean_rows', 'feedback_to_data', 'write_jsonl', 'feedback_data', 'build_feedback_data', 'main',
+           'bootstrap_diff', 'compare_ratings', 'monitor_traces', 'cost_per_variant', 'mmd2', 'drift_check',
+           'training_reference', 'topic_questions', 'sim_requests', 'simulated_rating', 'run_simulation']
 
 # %% ../nbs/08_mlops.ipynb #5034a0d1
 @register_params("mlops")
@@ -83,6 +83,16 @@ def latest_feedback(feedback: list[dict]) -> tuple[dict[str, dict], int]:
     for f in feedback: last[f["trace_id"]] = f
     return last, len(feedback) - len(last)
 
+def clean_rows(rows: list[dict], answer_of: Callable[[dict], str], what: str, dc: Decontaminator, dedup_jaccard: float,
+               rep: Counter) -> list[dict]:
+    "`rows` without near-duplicate answers, then without rows whose prompt or answer an evaluation item shares an n-gram with; counts in `rep`."
+    drop = set(near_duplicates([answer_of(r) for r in rows], dedup_jaccard))     # as dpo.dedup_rows: by the answer, whatever the question
+    rep[f"{what}_dropped_duplicate"] = len(drop)
+    rows = [r for i, r in enumerate(rows) if i not in drop]
+    kept = [r for r in rows if dc.match(r["prompt"][-1]["content"]) is None and dc.match(answer_of(r)) is None]
+    rep[f"{what}_dropped_contaminated"] = len(rows) - len(kept)
+    return kept
+
 def feedback_to_data(feedback: list[dict], traces: list[dict] | dict[str, dict], *, evalsets: dict[str, list[dict]] | None = None,
                      test_doc_ids: set[str] | frozenset = frozenset(), author: str, chosen_min_rating: int = 4,
                      rejected_max_rating: int = 2, min_chars: int = 20, dedup_jaccard: float = 0.8, decontam_ngram: int = 8,
@@ -137,15 +147,8 @@ def feedback_to_data(feedback: list[dict], traces: list[dict] | dict[str, dict],
                               rejected_trace_id=b["trace_id"]))
     rep.update(candidate_pairs=len(pairs), candidate_sft_rows=len(sft))
     dc = Decontaminator(evalsets or {}, decontam_ngram)
-    def clean(rows, answer_of, what):
-        drop = set(near_duplicates([answer_of(r) for r in rows], dedup_jaccard))     # as dpo.dedup_rows: by the answer, whatever the question
-        rep[f"{what}_dropped_duplicate"] = len(drop)
-        rows = [r for i, r in enumerate(rows) if i not in drop]
-        kept = [r for r in rows if dc.match(r["prompt"][-1]["content"]) is None and dc.match(answer_of(r)) is None]
-        rep[f"{what}_dropped_contaminated"] = len(rows) - len(kept)
-        return kept
-    pairs = clean(pairs, lambda r: r["chosen"][0]["content"], "pairs")
-    sft = clean(sft, lambda r: r["completion"][0]["content"], "sft")
+    pairs = clean_rows(pairs, lambda r: r["chosen"][0]["content"], "pairs", dc, dedup_jaccard, rep)
+    sft = clean_rows(sft, lambda r: r["completion"][0]["content"], "sft", dc, dedup_jaccard, rep)
     rep.update(new_pairs=len(pairs), new_sft_rows=len(sft), usable_feedback=len(items))
     return pairs, sft, dict(rep)
 

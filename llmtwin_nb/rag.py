@@ -5,7 +5,7 @@
 # %% ../nbs/02_rag.ipynb #4d711570
 from __future__ import annotations
 
-import contextlib, dataclasses, functools, hashlib, json, math, os, re, sqlite3, statistics, time, uuid
+import contextlib, dataclasses, json, math, os, re, statistics, time
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Literal, Optional
@@ -14,24 +14,21 @@ import numpy as np
 from pydantic import Field
 
 from .core import (ParamsError, Section, register_params, section_params, get_paths, resolve_model,
-                             load_embedder, model_fingerprint, make_backend, hardware_info, write_json,
-                             seed_everything, pick_device, read_jsonl)
+                             load_embedder, make_backend, hardware_info, write_json,
+                             seed_everything, pick_device)
 from .data import load_documents
+from .chunking import (SPARSE, STOP, Chunk, EmbeddingCache, chunk_id, chunk_text, content_words, embed_texts,
+                                 embedder_fp, heading_at, lexical_terms, n_tokens, sparse_doc_vector, sparse_query_vector, term_id)
+from .evalset import KeywordQuestions, ngrams
 
 
 # %% auto #0
-__all__ = ['Strategy', 'DOC_FIELDS', 'STOP', 'SPARSE', 'BM25_K1', 'BM25_B', 'BM25_AVG_TERMS', 'PLATFORM_WORDS', 'FILTER_FIELDS',
-           'SOURCE_PHRASE', 'GENERIC', 'CONFIGS', 'RagParams', 'cpu_threads', 'load_docs', 'Chunk', 'split_blocks',
-           'split_sentences', 'n_tokens', 'chunk_tokens', 'pack_sentences', 'chunk_text', 'chunk_id', 'heading_at',
-           'chunk_document', 'EmbeddingCache', 'embed_texts', 'lexical_terms', 'term_id', 'sparse_doc_vector',
-           'sparse_query_vector', 'IndexNotFoundError', 'IndexLockedError', 'open_qdrant', 'has_sparse',
-           'ensure_collection', 'indexed_ids', 'SyncReport', 'sync_index', 'build_index', 'UnknownFilterError',
-           'rule_filters', 'llm_filters', 'check_filters', 'keyword_variant', 'statement_variant', 'expand_query',
+__all__ = ['Strategy', 'DOC_FIELDS', 'PLATFORM_WORDS', 'FILTER_FIELDS', 'CONFIGS', 'RagParams', 'cpu_threads', 'load_docs',
+           'chunk_document', 'IndexNotFoundError', 'IndexLockedError', 'open_qdrant', 'has_sparse', 'ensure_collection',
+           'indexed_ids', 'SyncReport', 'sync_index', 'build_index', 'UnknownFilterError', 'rule_filters',
+           'llm_filters', 'check_filters', 'keyword_variant', 'statement_variant', 'expand_query',
            'CrossEncoderReranker', 'LexicalReranker', 'Hit', 'QueryError', 'is_embedded', 'rrf_fuse', 'bm25_idf',
-           'LocalIndex', 'Retriever', 'assemble_context', 'resolve_sources', 'load_gold', 'ngrams', 'copied',
-           'good_question', 'key_terms', 'KeywordQuestions', 'llm_question', 'generate_questions', 'reranker_pairs',
-           'train_reranker', 'levenshtein_sim', 'context_precision', 'context_recall', 'rank_metrics',
-           'reused_rare_words', 'make_reranker']
+           'LocalIndex', 'Retriever', 'assemble_context', 'reranker_pairs', 'train_reranker', 'make_reranker']
 
 # %% ../nbs/02_rag.ipynb #72357fbf
 Strategy = Literal["token", "sentence", "semantic"]
@@ -110,115 +107,7 @@ def load_docs(path: str | Path | None = None, status: str | None = "active", aut
     return [{k: getattr(d, k) for k in DOC_FIELDS} for d in load_documents(path, status=status, author=author)]
 
 
-# %% ../nbs/02_rag.ipynb #242639c2
-_SENT = re.compile(r"(?<=[.!?;:])\s+(?=[\"“‘(\[A-Z0-9€£$-])")
-_FENCE = re.compile(r"^```.*?^```[ \t]*$", re.S | re.M)
-
-@dataclasses.dataclass
-class Chunk:
-    id: str            # UUID (Qdrant point id), stable for the same embedder, document, position and text
-    doc_id: str
-    index: int
-    text: str          # what a reader sees (and what the context cites)
-    embed_text: str    # what the embedder sees (title header + text)
-    n_tokens: int
-    payload: dict
-
-def split_blocks(text: str) -> list[str]:
-    "Paragraphs separated by blank lines; a fenced code block stays one block."
-    out, pos = [], 0
-    for m in _FENCE.finditer(text):
-        out += [p for p in re.split(r"\n\s*\n", text[pos:m.start()]) if p.strip()]
-        out.append(m.group(0)); pos = m.end()
-    out += [p for p in re.split(r"\n\s*\n", text[pos:]) if p.strip()]
-    return [p.strip() for p in out]
-
-def split_sentences(text: str) -> list[str]:
-    "Sentences of prose; list items, headings and code blocks are kept whole."
-    out = []
-    for b in split_blocks(text):
-        if b.startswith("```") or b.lstrip().startswith("- "): out.append(b)
-        else: out += [s.strip() for s in _SENT.split(b) if s.strip()]
-    return out
-
-def n_tokens(tok, texts: list[str]) -> list[int]:
-    if not texts: return []
-    return [len(x) for x in tok(texts, add_special_tokens=False, verbose=False)["input_ids"]]
-
-def chunk_tokens(text: str, tok, size: int, overlap: int) -> list[str]:
-    "Windows of `size` tokens overlapping by `overlap`, widened to whole words."
-    offs = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)["offset_mapping"]
-    if not offs: return []
-    if overlap >= size: raise ValueError(f"overlap ({overlap}) must be smaller than the chunk size ({size})")
-    out, s = [], 0
-    while True:
-        e = min(s + size, len(offs))
-        a, b = offs[s][0], offs[e - 1][1]
-        while a > 0 and not text[a - 1].isspace(): a -= 1          # whole words only
-        while b < len(text) and not text[b].isspace(): b += 1
-        out.append(text[a:b].strip())
-        if e == len(offs): return [c for c in out if c]
-        s = e - overlap
-
-def pack_sentences(sents: list[str], lens: list[int], size: int, overlap: int, breaks: set[int] = frozenset(), tok=None) -> list[str]:
-    "Greedy packing of sentences into chunks of at most `size` tokens; `overlap` tokens of trailing sentences repeat."
-    out, cur, n, fresh = [], [], 0, 0
-    def join(items): return ("\n" if any(s.startswith(("- ", "```")) for s, _ in items) else " ").join(s for s, _ in items)
-    def flush(keep_overlap: bool):
-        nonlocal cur, n, fresh
-        if fresh: out.append(join(cur))
-        keep, m = [], 0
-        if keep_overlap and fresh:
-            for s, l in reversed(cur):                                 # trailing sentences as overlap
-                if m + l > overlap: break
-                keep.insert(0, (s, l)); m += l
-        cur, n, fresh = keep, m, 0
-    for i, (s, l) in enumerate(zip(sents, lens)):
-        if l > size:                                                   # one huge sentence or code block
-            flush(False); out += chunk_tokens(s, tok, size, overlap); continue
-        heading = s.startswith("#") and n >= size // 3                 # a heading starts a new chunk
-        if fresh and (n + l > size or i in breaks or heading):
-            flush(not (i in breaks or heading))                        # a topic break starts clean
-        while cur and n + l > size: n -= cur.pop(0)[1]
-        cur.append((s, l)); n += l; fresh += 1
-    flush(False)
-    return out
-
-def chunk_text(text: str, strategy: str, tok, size: int, overlap: int, embedder=None, percentile: float = 20) -> list[str]:
-    "Cut `text` with one of the three strategies."
-    if strategy == "token": return chunk_tokens(text, tok, size, overlap)
-    sents = split_sentences(text)
-    lens = n_tokens(tok, sents)
-    breaks = set()
-    if strategy == "semantic" and len(sents) > 2:
-        if embedder is None: raise ValueError("semantic chunking needs the embedder")
-        v = embedder.encode(sents, normalize_embeddings=True, convert_to_numpy=True)
-        sim = (v[1:] * v[:-1]).sum(1)
-        cut = np.percentile(sim, percentile)
-        breaks = {i + 1 for i, s in enumerate(sim) if s < cut}
-    elif strategy not in ("sentence", "semantic"): raise ValueError(f"unknown chunking strategy {strategy!r}: token | sentence | semantic")
-    return pack_sentences(sents, lens, size, overlap if strategy == "sentence" else 0, breaks, tok)
-
 # %% ../nbs/02_rag.ipynb #24f7f571
-def chunk_id(model_fp: str, doc_id: str, index: int, text: str) -> str:
-    "Stable UUID of a chunk: same embedder, document, position and text -> same id."
-    return str(uuid.uuid5(uuid.NAMESPACE_URL, f"llmtwin:{model_fp}:{doc_id}:{index}:{hashlib.sha256(text.encode()).hexdigest()}"))
-
-def _embedder_fp(embedder) -> str:
-    "Fingerprint of a loaded SentenceTransformer (its folder's weights, or its name)."
-    p = next((c for m in embedder.modules() if (c := getattr(getattr(m, "config", None), "_name_or_path", None))), "")
-    return model_fingerprint(str(p))
-
-_HEADING = re.compile(r"(?m)^#{1,6} +(\S.*)$")
-
-def heading_at(content: str, chunk: str) -> str | None:
-    "The last markdown heading before where `chunk` starts in `content` (outside code fences)."
-    pos = content.find(chunk[:60])
-    if pos <= 0: return None
-    fences = [m.span() for m in _FENCE.finditer(content)]
-    hs = [m for m in _HEADING.finditer(content, 0, pos) if not any(a <= m.start() < b for a, b in fences)]
-    return hs[-1].group(1).strip() if hs else None
-
 def chunk_document(doc: dict, cfg: RagParams, tok, embedder=None, model_fp: str = "", window: int = 254) -> list[Chunk]:
     "A warehouse document as chunks with their Qdrant payload (strategy and size per document kind)."
     kind = doc.get("kind") or "article"
@@ -244,77 +133,6 @@ def chunk_document(doc: dict, cfg: RagParams, tok, embedder=None, model_fp: str 
         out.append(Chunk(chunk_id(model_fp, doc["id"], i, t), doc["id"], i, t, head + t, 0, payload))
     for c, n in zip(out, n_tokens(tok, [c.embed_text for c in out])): c.n_tokens = n
     return out
-
-# %% ../nbs/02_rag.ipynb #345a99b9
-class EmbeddingCache:
-    "Embeddings keyed by sha256(model fingerprint + text), in one SQLite file."
-    def __init__(self, path: str | Path, model_fp: str):
-        self.path = Path(path); self.path.mkdir(parents=True, exist_ok=True); self.model_fp = model_fp
-        self.db = sqlite3.connect(self.path/"embeddings.sqlite", timeout=60)
-        self.db.execute("CREATE TABLE IF NOT EXISTS emb (key TEXT PRIMARY KEY, vec BLOB)")
-    def key(self, text: str) -> str: return hashlib.sha256(f"{self.model_fp}\0{text}".encode()).hexdigest()
-    def get_many(self, keys: list[str]) -> dict[str, np.ndarray]:
-        out = {}
-        for i in range(0, len(keys), 500):
-            part = keys[i:i + 500]
-            q = f"SELECT key, vec FROM emb WHERE key IN ({','.join('?' * len(part))})"
-            out.update({k: np.frombuffer(v, dtype=np.float32) for k, v in self.db.execute(q, part)})
-        return out
-    def put_many(self, items: dict[str, np.ndarray]):
-        with self.db: self.db.executemany("INSERT OR REPLACE INTO emb VALUES (?, ?)", [(k, np.asarray(v, np.float32).tobytes()) for k, v in items.items()])
-    def close(self): self.db.close()
-
-def embed_texts(texts: list[str], embedder, cache: EmbeddingCache | None = None, batch_size: int = 32) -> tuple[np.ndarray, int]:
-    "Normalised embeddings of `texts` and how many had to be computed (the rest came from `cache`)."
-    if not texts: return np.zeros((0, embedder.get_embedding_dimension()), np.float32), 0
-    keys = [cache.key(t) for t in texts] if cache else [None] * len(texts)
-    have = cache.get_many(list(set(keys))) if cache else {}
-    todo = sorted({k: t for k, t in zip(keys, texts) if k not in have}.items()) if cache else list(enumerate(texts))
-    if todo:
-        vecs = embedder.encode([t for _, t in todo], batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True)
-        new = {k: v.astype(np.float32) for (k, _), v in zip(todo, vecs)}
-        if cache: cache.put_many(new)
-        have.update(new)
-    out = np.stack([have[k] if cache else have[i] for i, k in enumerate(keys)])
-    return out, len(todo)
-
-# %% ../nbs/02_rag.ipynb #680bf641
-STOP = set("""a an the and or but if of to in on at by for with from into about as is are was were be been being do does did
-what which who whom whose when where why how much many long big far this that these those it its it's he she they them his her
-their there than then so not no can could would should will shall may might must i you we our your my me us up down out over
-each per any all some such own same very just also only onto whole here thing things there really actually""".split())
-
-def _words(t: str) -> list[str]: return [w for w in re.findall(r"[a-z0-9€£$%]+(?:[.,][0-9]+)*", t.lower()) if w not in STOP]
-
-SPARSE = "bm25"                      # name of the sparse vector in the collection
-BM25_K1, BM25_B, BM25_AVG_TERMS = 1.2, 0.75, 64.0   # classic BM25 constants; 64: about the mean terms per chunk here
-
-def _stem(w: str) -> str:
-    if len(w) > 4 and w.endswith("ies"): return w[:-3] + "y"
-    if len(w) > 3 and w.endswith("s") and not w.endswith(("ss", "us", "is")): return w[:-1]
-    return w
-
-def lexical_terms(text: str) -> list[str]:
-    "The words BM25 counts: lower case, no stop words, plurals folded."
-    return [_stem(w) for w in _words(text)]
-
-def term_id(term: str) -> int:
-    "A word's sparse dimension: 32 bits of its hash (stable across runs and machines)."
-    return int.from_bytes(hashlib.blake2b(term.encode(), digest_size=4).digest(), "little")
-
-def sparse_doc_vector(text: str):
-    "A chunk's BM25 term weights tf·(k1+1)/(tf + k1·(1-b+b·len/avg)) as a Qdrant `SparseVector` (IDF is applied by Qdrant)."
-    from qdrant_client import models
-    tf = Counter(term_id(t) for t in lexical_terms(text)); L = sum(tf.values())
-    norm = BM25_K1 * (1 - BM25_B + BM25_B * L / BM25_AVG_TERMS)
-    idx = sorted(tf)
-    return models.SparseVector(indices=idx, values=[float(tf[i] * (BM25_K1 + 1) / (tf[i] + norm)) for i in idx])
-
-def sparse_query_vector(text: str):
-    "A query as a sparse vector: weight 1 for each distinct term (Qdrant multiplies by the term's IDF)."
-    from qdrant_client import models
-    idx = sorted({term_id(t) for t in lexical_terms(text)})
-    return models.SparseVector(indices=idx, values=[1.0] * len(idx))
 
 # %% ../nbs/02_rag.ipynb #964789be
 class IndexNotFoundError(FileNotFoundError): "No Qdrant index where one was expected."
@@ -418,7 +236,7 @@ def build_index(docs: list[dict], cfg: RagParams, embedder, root: Path | None = 
         if not mine: raise ValueError(f"none of the {len(docs)} documents given is by {author!r}: set data.author to an author of the "
                                       "warehouse (load_docs(author=...) names them)")
         docs = mine
-    model_fp = _embedder_fp(embedder)
+    model_fp = embedder_fp(embedder)
     chunks = [c for d in docs for c in chunk_document(d, cfg, embedder.tokenizer, embedder, model_fp)]
     cache = EmbeddingCache(root/cfg.embed_cache, model_fp)
     try:
@@ -508,7 +326,7 @@ class LexicalReranker:
     def __init__(self, texts: Iterable[str], k1: float = 1.2, b: float = 0.75, rrf_k: int = 10):
         df, n, total = Counter(), 0, 0
         for t in texts:
-            ws = _words(t); df.update(set(ws)); n += 1; total += len(ws)
+            ws = content_words(t); df.update(set(ws)); n += 1; total += len(ws)
         self.idf = {w: math.log(1 + (n - c + 0.5) / (c + 0.5)) for w, c in df.items()}
         self.default_idf, self.avg = math.log(1 + (n + 0.5) / 0.5), total / max(n, 1)
         self.k1, self.b, self.rrf_k = k1, b, rrf_k
@@ -516,10 +334,10 @@ class LexicalReranker:
     def _counts(self, t: str) -> tuple[Counter, int]:
         if t not in self._tf:
             if len(self._tf) > 100_000: self._tf.clear()
-            tf = Counter(_words(t)); self._tf[t] = (tf, sum(tf.values()))
+            tf = Counter(content_words(t)); self._tf[t] = (tf, sum(tf.values()))
         return self._tf[t]
     def bm25(self, query: str, texts: list[str]) -> np.ndarray:
-        q = set(_words(query)); out = []
+        q = set(content_words(query)); out = []
         for t in texts:
             tf, L = self._counts(t)
             out.append(sum(self.idf.get(w, self.default_idf) * tf[w] * (self.k1 + 1) / (tf[w] + self.k1 * (1 - self.b + self.b * L / self.avg)) for w in q if w in tf))
@@ -774,181 +592,6 @@ def assemble_context(hits: list[Hit], tokenizer, max_tokens: int = 1024) -> tupl
         blocks.append(block); used += cost
     return "\n\n".join(blocks), sorted(sources.values(), key=lambda s: s["n"])
 
-# %% ../nbs/02_rag.ipynb #d21e923b
-def resolve_sources(sources: list[dict], docs: list[dict]) -> list[str]:
-    "Warehouse ids of the documents a gold item names (platform + date / repo path / URL key or title)."
-    ids = []
-    for s in sources:
-        cand = [d for d in docs if d["platform"] == s["platform"]]
-        meta = lambda d: json.dumps(d.get("metadata") or {}, ensure_ascii=False)
-        if "date" in s: m = [d for d in cand if (d.get("published_at") or "").startswith(s["date"])]
-        elif "path" in s:
-            m = [d for d in cand if (d.get("title") or "").split("/", 1)[-1] == s["path"]] or \
-                [d for d in cand if (d.get("url") or "").endswith("/" + s["path"])]
-        else:
-            m = [d for d in cand if s["key"] in (d.get("url") or "") or s["key"] in meta(d)] or \
-                [d for d in cand if (d.get("title") or "").lower().startswith(s.get("title", "\0").lower())]
-        ids += [d["id"] for d in m if d["id"] not in ids]
-    return ids
-
-def load_gold(path: str | Path, docs: list[dict]) -> list[dict]:
-    items = []
-    for g in read_jsonl(path, "one gold item per line (id, question, answer, sources)"):
-        ids = resolve_sources(g["sources"], docs)
-        if not ids: raise ValueError(f"gold item {g['id']}: none of its sources {g['sources']} is in the warehouse")
-        items.append(dict(id=g["id"], question=g["question"], answer=g["answer"], doc_ids=ids, source="gold",
-                          text=f"{g['question']}\n{g['answer']}"))
-    return items
-
-def ngrams(text: str, n: int) -> set[tuple]:
-    w = re.findall(r"\w+", text.lower())
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
-
-def copied(question: str, chunk: str, n: int = 5) -> bool:
-    "True when the question shares a run of `n` words with the chunk (it was copied, not asked)."
-    return bool(ngrams(question, n) & ngrams(chunk, n))
-
-def good_question(q: str, chunk: str, n: int = 5) -> str | None:
-    "The reason to reject a generated question, or None if it is usable."
-    if not q.endswith("?"): return "not a question"
-    if not 4 <= len(q.split()) <= 40: return "length"
-    if copied(q, chunk, n): return f"copies a {n}-word run of its chunk"
-    if len(set(_words(q))) < 2: return "no content words"
-    if len(set(_words(q)) & set(_words(chunk))) < 2: return "not about its chunk"   # "What is the answer to this question?"
-    return None
-
-# %% ../nbs/02_rag.ipynb #64f3d979
-_NUMBER = re.compile(r"\d")
-_CODE = re.compile(r"[=(){}\[\];<>`|]|\bdef |\bimport |\breturn\b|\bself\.")
-SOURCE_PHRASE = {"linkedin": "In a LinkedIn post", "substack": "In the newsletter", "medium": "On Medium",
-                 "github": "In the repository docs", "local": "In the notes"}     # each one self-query's rules recognise
-GENERIC = set("""either neither nobody anybody anyone anything something everything everyone someone nothing since because still even
-right place expect expected become became happens happened happen seen reason reasons fact works work worked working turned thing stuff
-people good better best part made make makes said says say saying take took taken time times way ways first last next other another
-every never always often sometimes already again enough more most less least lot lots like just well back going gone come came want
-wanted need needed know knew think thought look looked keep kept find found give gave tell told call called put use used using start
-started end ended ends try tried different real sure kind number while without within around after before during through until yes
-okay today yesterday tomorrow nice great little big small large long short high low new old hard easy has have had having went goes
-go doing done get gets got getting instead day days""".split())
-
-def key_terms(sentence: str, max_words: int = 2) -> list[tuple[str, bool]]:
-    "Candidate key terms of a sentence: runs of up to `max_words` adjacent content words, as (term, holds a name)."
-    toks = re.findall(r"\S+", sentence)
-    out, run = [], []
-    def flush():
-        nonlocal run
-        for i in range(0, len(run), max_words):
-            part = run[i:i + max_words]
-            out.append((" ".join(w for w, _ in part), any(n for _, n in part)))
-        run = []
-    for i, raw in enumerate(toks):
-        w = raw.strip(".,;:!?\"“”‘’()[]*`'")
-        lw = w.lower()
-        if not (re.fullmatch(r"[A-Za-z][A-Za-z0-9'’\-]*[A-Za-z0-9]", w) and lw not in STOP and lw not in GENERIC and len(lw) > 2):
-            flush(); continue
-        name = w[0].isupper() and i > 0 and not toks[i - 1].endswith((".", "!", "?", ":"))   # capitalised mid-sentence
-        run.append((w if name else lw, name))
-        if raw[-1] in ".,;:!?)\"”": flush()                          # punctuation ends a phrase
-    flush()
-    return list(dict.fromkeys(out))
-
-class KeywordQuestions:
-    "Rule-written keyword questions about chunk sentences, checked for ambiguity against every chunk of the index."
-    def __init__(self, chunks: list[Chunk]):
-        self.chunks = chunks
-        self.words = [set(_words(c.text)) | set(_words(c.payload.get("title") or "")) for c in chunks]
-        per_doc: dict[str, set] = {}
-        for c, w in zip(chunks, self.words): per_doc.setdefault(c.doc_id, set()).update(w)
-        df = Counter(w for ws in per_doc.values() for w in ws)
-        self.n_docs = len(per_doc)
-        self.idf = {w: math.log(self.n_docs / n) for w, n in df.items()}
-
-    def term_score(self, term: str, name: bool) -> float:
-        ws = _words(term)
-        return sum(self.idf.get(w, math.log(self.n_docs)) for w in ws) / max(len(ws), 1) + 1.0 * name + 0.3 * (len(ws) - 1)
-
-    def docs_with(self, terms: list[str]) -> set[str]:
-        "Documents with a chunk (or title) holding every word of every term."
-        need = {w for t in terms for w in _words(t)}
-        return {c.doc_id for c, ws in zip(self.chunks, self.words) if need <= ws}
-
-    def answer_facts(self, sentence: str, used: set[str]) -> list[str]:
-        "What answers the question: the sentence's numbers, else its content words the question does not use."
-        nums = [w for w in dict.fromkeys(_words(sentence)) if _NUMBER.search(w)]
-        return nums or [w for w in dict.fromkeys(_words(sentence)) if w not in used and w not in GENERIC and len(w) > 3]
-
-    def ask(self, chunk: Chunk, rng: np.random.Generator, max_terms: int = 4) -> tuple[list[str], str, list[str]] | str:
-        "(key terms, answer sentence, relevant document ids) for one sentence of `chunk`, or why none works."
-        prose = [s for s in split_sentences(chunk.text) if 8 <= len(s.split()) <= 60 and "\n" not in s
-                 and not s.startswith(("```", "#", "- ")) and not _CODE.search(s)]
-        if not prose: return "no usable sentence"
-        facts_first = [s for s in prose if _NUMBER.search(s)]
-        order = [facts_first[i] for i in rng.permutation(len(facts_first))] + \
-                [s for i in rng.permutation(len(prose)) if (s := prose[i]) not in facts_first]
-        why = "no usable sentence"
-        for s in order:
-            terms = [t for t, _ in sorted(key_terms(s), key=lambda t: -self.term_score(*t))]
-            if len(terms) < 2: why = "too few key terms"; continue
-            q = terms[:2]
-            for extra in [None] + terms[2:max_terms]:
-                if extra: q = q + [extra]
-                facts = self.answer_facts(s, {w for t in q for w in _words(t)})[:3]
-                if not facts: break
-                holders = self.docs_with(q)
-                answering = {chunk.doc_id} | (holders & self.docs_with(q + facts))
-                if holders <= answering: return q, s, sorted(answering)
-            why = "ambiguous"
-        return why
-
-    def question(self, chunk: Chunk, rng: np.random.Generator) -> tuple[str, str, list[str]] | str:
-        "A phrased question: (question, answer sentence, relevant document ids), or why none works."
-        r = self.ask(chunk, rng)
-        if isinstance(r, str): return r
-        terms, s, rel = r
-        who = (chunk.payload.get("author") or "the author").split()[0]
-        frame = [f"What does {who} say about {{}}?", "What happened with {}?", "What is said about {}?"][int(rng.integers(3))]
-        q = frame.format(", ".join(terms[:-1]) + " and " + terms[-1])
-        if chunk.payload.get("platform") in SOURCE_PHRASE and rng.random() < 1 / 3:   # people say where they read it
-            q = f"{SOURCE_PHRASE[chunk.payload['platform']]}, {q[0].lower()}{q[1:]}"
-        return q, s, rel
-
-def llm_question(chunk_text: str, backend) -> str:
-    prompt = (f"Passage:\n{chunk_text[:1200]}\n\nWrite one short question that this passage answers. "
-              "Use your own words, do not copy sentences. Reply with the question only.")
-    q = backend.chat([{"role": "user", "content": prompt}], max_new_tokens=40).text.strip().split("\n")[0].strip()
-    return q if q.endswith("?") else q
-
-def generate_questions(chunks: list[Chunk], n: int, n_llm: int, backend, kq: KeywordQuestions, seed: int = 0, copy_n: int = 5, log=print) -> list[dict]:
-    "Questions about chunks of test-split documents, each checked against its chunk (and, rule ones, the whole index)."
-    rng = np.random.default_rng(seed)
-    pool = [c for c in chunks if c.payload.get("split") == "test" and c.n_tokens >= 40]
-    order = rng.permutation(len(pool))
-    out, rejected, per_doc = [], Counter(), Counter()
-    cap = max(2, math.ceil(n / max(len({c.doc_id for c in pool}), 1)) + 1)
-    for i in order:
-        if len(out) >= n: break
-        c = pool[i]
-        if per_doc[c.doc_id] >= cap: continue
-        q, ans, rel, how = None, None, [c.doc_id], "rule"
-        if backend is not None and sum(o["generator"] == "llm" for o in out) + rejected["llm-tries"] < n_llm:
-            rejected["llm-tries"] += 1
-            try: q = llm_question(c.text, backend); how = "llm"; ans = c.text
-            except Exception as e: log(f"LLM question failed ({type(e).__name__}: {e}); using the rule")
-            why = good_question(q, c.text, copy_n) if q else "empty"
-            if why: rejected[f"llm: {why}"] += 1; q = None
-        if q is None:
-            r = kq.question(c, rng)
-            if isinstance(r, str): rejected[f"rule: {r}"] += 1; continue
-            (q, ans, rel), how = r, "rule"
-            why = good_question(q, c.text, copy_n)
-            if why: rejected[f"rule: {why}"] += 1; continue
-        per_doc[c.doc_id] += 1
-        out.append(dict(id=f"gen-{len(out) + 1:03d}", question=q, answer=ans, doc_ids=rel, chunk_id=c.id,
-                        source="generated", generator=how, text=f"{q}\n{ans}"))
-    rejected.pop("llm-tries", None)
-    log(f"generated {len(out)} questions ({dict(Counter(o['generator'] for o in out))}); rejected: {dict(rejected)}")
-    return out
-
 # %% ../nbs/02_rag.ipynb #1354f187
 def reranker_pairs(chunks: list[Chunk], vecs: np.ndarray, embedder, kq: KeywordQuestions, n_queries: int = 400, negatives: int = 3,
                    seed: int = 0, exclude_texts: Iterable[str] = ()) -> list[tuple[str, str, float]]:
@@ -1011,46 +654,6 @@ def train_reranker(pairs, base: str, out: str | Path, steps: int = 150, batch_si
                  loss_last=round(float(np.mean(losses[-10:])), 4) if losses else None)
     log(f"reranker: {stats}")
     return dict(stats, losses=losses)
-
-# %% ../nbs/02_rag.ipynb #ed8f34fd
-def levenshtein_sim(a: str, b: str) -> float:
-    "1 - Levenshtein distance / max length (rapidfuzz's normalized_similarity), row-vectorised with numpy."
-    if a == b: return 1.0
-    if not a or not b: return 0.0
-    if len(a) < len(b): a, b = b, a
-    if len(b) / len(a) < 0.5: return len(b) / len(a) * 0.999           # shortcut: an upper bound, already below ragas' 0.5 threshold
-    A = np.frombuffer(a.encode("utf-32-le"), np.uint32); B = np.frombuffer(b.encode("utf-32-le"), np.uint32)
-    prev = np.arange(len(B) + 1, dtype=np.int32); ar = np.arange(len(B) + 1, dtype=np.int32)
-    for ch in A:
-        cur = np.empty_like(prev); cur[0] = prev[0] + 1
-        cur[1:] = np.minimum(prev[1:] + 1, prev[:-1] + (B != ch))
-        cur = np.minimum.accumulate(cur - ar) + ar                      # insertions, left to right
-        prev = cur
-    return 1 - prev[-1] / len(A)
-
-_sim = functools.lru_cache(maxsize=200_000)(levenshtein_sim)
-
-def context_precision(retrieved: list[str], refs: list[str], threshold: float = 0.5, sim=_sim) -> float:
-    "ragas NonLLMContextPrecisionWithReference: average precision of 'similar to a reference' verdicts."
-    v = [max((sim(r, x) for x in refs), default=0) >= threshold for r in retrieved]
-    if not any(v): return 0.0
-    return sum(sum(v[:i + 1]) / (i + 1) for i, x in enumerate(v) if x) / sum(v)
-
-def context_recall(retrieved: list[str], refs: list[str], threshold: float = 0.5, sim=_sim) -> float:
-    "ragas NonLLMContextRecall: fraction of reference contexts matched by some retrieved context."
-    if not refs: return float("nan")
-    return sum(max((sim(r, x) for x in retrieved), default=0) >= threshold for r in refs) / len(refs)
-
-def rank_metrics(hit_docs: list[str], relevant: set[str]) -> dict:
-    "hit@5 (a relevant document in the top 5), recall@5 (share of the relevant documents in the top 5), MRR@10."
-    first = next((i for i, d in enumerate(hit_docs[:10]) if d in relevant), None)
-    return dict(hit_at_5=float(first is not None and first < 5), recall_at_5=len(set(hit_docs[:5]) & relevant) / max(len(relevant), 1),
-                mrr_at_10=0.0 if first is None else 1 / (first + 1))
-
-def reused_rare_words(question: str, reference: str, doc_freq: dict[str, int], max_docs: int = 2) -> list[str]:
-    "Content words of `question` that its reference text holds and at most `max_docs` documents use: a lexical giveaway."
-    ref = set(_words(reference))
-    return sorted(w for w in set(_words(question)) if w in ref and doc_freq.get(w, 0) <= max_docs)
 
 # %% ../nbs/02_rag.ipynb #0c286eef
 def make_reranker(name: str, cfg: RagParams, lexical_texts: Iterable[str] = (), models_dir: Path | None = None, device: str = "auto"):

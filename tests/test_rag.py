@@ -8,6 +8,7 @@ from collections import Counter
 import pytest
 
 rag = pytest.importorskip("llmtwin_nb.rag")
+from llmtwin_nb import chunking, evalset
 from llmtwin_nb.core import load_embedder
 
 WORDS = ("pondlet scores four thousand rows per batch because the block conversion from float16 to float32 "
@@ -38,7 +39,7 @@ def docs():
 
 
 def _chunks(docs, cfg, emb):
-    fp = rag._embedder_fp(emb)
+    fp = chunking.embedder_fp(emb)
     return [c for d in docs for c in rag.chunk_document(d, cfg, emb.tokenizer, emb, fp)]
 
 
@@ -64,7 +65,7 @@ def test_chunk_ids_stable(docs, cfg, emb):
 
 def test_incremental_reindex_counts(tmp_path, docs, cfg, emb):
     chunks = _chunks(docs, cfg, emb)
-    cache = rag.EmbeddingCache(tmp_path / "emb", rag._embedder_fp(emb))
+    cache = chunking.EmbeddingCache(tmp_path / "emb", chunking.embedder_fp(emb))
     with rag.open_qdrant(tmp_path / "q") as client:
         cc = Counting(client)
         r = rag.sync_index(cc, "t", chunks, emb, cache)
@@ -181,8 +182,8 @@ def test_rrf_and_idf_formulas():
     assert rag.rrf_fuse([["a"], ["b"]], k=2) == [("a", 0.5), ("b", 0.5)]           # ties keep first-seen order
     import math
     assert abs(rag.bm25_idf(1, 10) - math.log(1 + 9.5 / 1.5)) < 1e-12 and rag.bm25_idf(10, 10) < rag.bm25_idf(1, 10)
-    assert rag.lexical_terms("The Vectors and the queries") == ["vector", "query"]
-    sv = rag.sparse_doc_vector("cat cat dog")
+    assert chunking.lexical_terms("The Vectors and the queries") == ["vector", "query"]
+    sv = chunking.sparse_doc_vector("cat cat dog")
     assert sv.indices == sorted(sv.indices) and len(sv.indices) == 2
 
 
@@ -205,12 +206,12 @@ def test_index_without_sparse_vectors(tmp_path, cfg, emb):
 def test_keyword_questions_are_unambiguous():
     "A keyword question is extended (or refused) until only documents holding the answer contain all its terms."
     import numpy as np
-    C = rag.Chunk
+    C = chunking.Chunk
     chunks = [C("a", "d1", 0, "The Venlo shadow rollout took eleven days before the switch in March 2023.", "", 20, {"author": "Ilse M"}),
               C("b", "d2", 0, "Shadow rollout notes: nothing about Venlo dates here, only the switch and its checklist.", "", 20, {}),
               C("c", "d3", 0, "Announcing the post: the Venlo shadow rollout took eleven days, switch in March 2023.", "", 20, {}),
               C("d", "d4", 0, "A chunk about cats.", "", 5, {})]
-    kq = rag.KeywordQuestions(chunks)
+    kq = evalset.KeywordQuestions(chunks)
     r = kq.ask(chunks[0], np.random.default_rng(0))
     assert not isinstance(r, str), r
     terms, sentence, relevant = r
@@ -306,7 +307,7 @@ def test_persisted_index_second_run_upserts_only_the_added_document(tmp_path, do
 
 def test_source_phrases_are_recognised_and_name_no_author():
     "Every phrase a generated question may start with is one self-query filters on, and none is tied to one corpus."
-    for platform, phrase in rag.SOURCE_PHRASE.items():
+    for platform, phrase in evalset.SOURCE_PHRASE.items():
         assert rag.rule_filters(f"{phrase}, what is said about the cat and the router?") == {"platform": platform}
     assert rag.rule_filters("What do the benchmarks in the project docs say about p95?") == {"platform": "github"}
     assert rag.rule_filters("What did she write in her notes about label parties?") == {"platform": "local"}
@@ -322,7 +323,7 @@ def test_persisted_index_of_another_embedder_is_recreated_by_build_index(tmp_pat
     cfg = rag.RagParams(qdrant_path="q", embed_cache="emb", post_tokens=48, article_tokens=48, repository_tokens=48, overlap_tokens=8, candidates=5)
     with rag.open_qdrant(tmp_path / "q") as client:
         client.create_collection(cfg.collection, vectors_config=models.VectorParams(size=8, distance=models.Distance.DOT),
-                                 sparse_vectors_config={rag.SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)})
+                                 sparse_vectors_config={chunking.SPARSE: models.SparseVectorParams(modifier=models.Modifier.IDF)})
         client.upsert(cfg.collection, points=[models.PointStruct(id=1, vector={"": [0.1] * 8}, payload={"doc_id": "x"})])
         with pytest.raises(ValueError, match="holds 8-d vectors"):
             rag.sync_index(client, cfg.collection, _chunks(docs[:1], cfg, emb), emb)
