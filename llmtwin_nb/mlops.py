@@ -16,13 +16,16 @@ from pydantic import Field, model_validator
 from .core import (ParamsError, Section, atomic_write_text, get_paths, hardware_info, load_embedder, load_params, read_jsonl,
                              register_params, section_params, seed_everything, write_json)
 from .data import mask_pii
-from .serve import (FEEDBACK_FILE, ABRouter, FeedbackLog, PromptRegistry, ServerThread, create_app, normalize_rating,
-                              parse_variants, parse_weights, read_traces, reader_question, reader_questions, repo_relative)
+from .prompts import PromptRegistry
+from .routing import ABRouter, parse_variants, parse_weights
+from .serve import ServerThread, create_app, repo_relative
+from .sources import reader_question, reader_questions
+from .traces import FEEDBACK_FILE, FeedbackLog, normalize_rating, read_traces
 
 # %% auto #0
 __all__ = ['FEEDBACK_STAGE_PARAMS', 'TRACES_FILE', 'OFF_TOPIC_QUESTIONS', 'MlopsParams', 'variant_of', 'latest_feedback',
-           'clean_rows', 'feedback_to_data', 'write_jsonl', 'feedback_data', 'build_feedback_data', 'main',
-           'bootstrap_diff', 'compare_ratings', 'monitor_traces', 'cost_per_variant', 'mmd2', 'drift_check',
+           'join_feedback', 'clean_rows', 'feedback_to_data', 'write_jsonl', 'feedback_data', 'build_feedback_data',
+           'main', 'bootstrap_diff', 'compare_ratings', 'monitor_traces', 'cost_per_variant', 'mmd2', 'drift_check',
            'training_reference', 'topic_questions', 'sim_requests', 'simulated_rating', 'run_simulation']
 
 # %% ../nbs/08_mlops.ipynb #5034a0d1
@@ -83,6 +86,25 @@ def latest_feedback(feedback: list[dict]) -> tuple[dict[str, dict], int]:
     for f in feedback: last[f["trace_id"]] = f
     return last, len(feedback) - len(last)
 
+def join_feedback(last: dict[str, dict], by_id: dict[str, dict], rep: Counter, mask, test_doc_ids=(), served_names: dict | None = None) -> list[dict]:
+    """One item per usable (feedback, trace), masked, in trace order; counts each dropped one in `rep` by why (no trace, a
+    failed request, a test document in its context, a bad rating)."""
+    items = []
+    for tid, f in last.items():
+        t = by_id.get(tid)
+        if t is None: rep["dropped_no_trace"] += 1; continue
+        if t.get("status", 200) != 200 or not (t.get("answer") or "").strip() or not (t.get("question") or "").strip():
+            rep["dropped_failed_request"] += 1; continue
+        if set(t.get("retrieved_doc_ids") or []) & set(test_doc_ids):
+            rep["dropped_test_context"] += 1; continue
+        try: rating = normalize_rating(f.get("rating"))
+        except (ValueError, KeyError): rep["dropped_bad_rating"] += 1; continue
+        corrected = mask(f["corrected_text"]).strip() if f.get("corrected_text") else None
+        items.append(dict(trace_id=tid, ts=t.get("ts", ""), question=mask(t["question"]).strip(), answer=mask(t["answer"]).strip(),
+                          rating=rating, corrected=corrected or None, variant=variant_of(t, served_names) or f.get("variant"),
+                          template_id=t.get("template_id"), model=t.get("backend_model") or t.get("model")))
+    return sorted(items, key=lambda x: (x["ts"], x["trace_id"]))
+
 def clean_rows(rows: list[dict], answer_of: Callable[[dict], str], what: str, dc: Decontaminator, dedup_jaccard: float,
                rep: Counter) -> list[dict]:
     "`rows` without near-duplicate answers, then without rows whose prompt or answer an evaluation item shares an n-gram with; counts in `rep`."
@@ -104,21 +126,7 @@ def feedback_to_data(feedback: list[dict], traces: list[dict] | dict[str, dict],
     rep = Counter(feedback_records=len(feedback), feedback_superseded=superseded)
     mask = (lambda s: mask_pii(s)[0]) if pii_mask else (lambda s: s)
     system = SYSTEM_PROMPT.format(author=author)
-    items = []                                    # one per usable (feedback, trace)
-    for tid, f in last.items():
-        t = by_id.get(tid)
-        if t is None: rep["dropped_no_trace"] += 1; continue
-        if t.get("status", 200) != 200 or not (t.get("answer") or "").strip() or not (t.get("question") or "").strip():
-            rep["dropped_failed_request"] += 1; continue
-        if drop_test_context and set(t.get("retrieved_doc_ids") or []) & set(test_doc_ids):
-            rep["dropped_test_context"] += 1; continue
-        try: rating = normalize_rating(f.get("rating"))
-        except (ValueError, KeyError): rep["dropped_bad_rating"] += 1; continue
-        corrected = mask(f["corrected_text"]).strip() if f.get("corrected_text") else None
-        items.append(dict(trace_id=tid, ts=t.get("ts", ""), question=mask(t["question"]).strip(), answer=mask(t["answer"]).strip(),
-                          rating=rating, corrected=corrected or None, variant=variant_of(t, served_names) or f.get("variant"),
-                          template_id=t.get("template_id"), model=t.get("backend_model") or t.get("model")))
-    items.sort(key=lambda x: (x["ts"], x["trace_id"]))
+    items = join_feedback(last, by_id, rep, mask, test_doc_ids if drop_test_context else (), served_names)
     prompt = lambda q: [{"role": "system", "content": system}, {"role": "user", "content": q}]
     meta = lambda it, src: dict(doc_id=f"feedback-{it['trace_id'][:16]}", split="train", source=src, trace_id=it["trace_id"],
                                 variant=it["variant"], template_id=it["template_id"])

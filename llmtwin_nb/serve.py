@@ -5,60 +5,34 @@
 # %% ../nbs/07_serving.ipynb #b4f94899
 from __future__ import annotations
 
-import argparse, asyncio, collections, concurrent.futures as cf, contextlib, copy, dataclasses, errno, fcntl, hashlib, json
-import logging, math, os, queue, random, re, sys, threading, time, uuid, zlib
+import argparse, asyncio, concurrent.futures as cf, contextlib, copy, dataclasses, json, logging, math, os, sys, threading, time, uuid
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Protocol, Union
+from typing import Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, Field, model_validator
 
-from .core import (BackendError, ChatResult, OpenAIChatBackend, ParamsError, Section, UpstreamError, get_paths,
-                             hardware_info, load_embedder, load_llm, load_params, pick_device, register_params,
-                             section_params, seed_everything, write_json)
+from .core import (ChatResult, OpenAIChatBackend, ParamsError, Section, UpstreamError, get_paths, load_llm, register_params,
+                             section_params, seed_everything)
+from .data import mask_pii
 from .engine import BatchEngine, QueueFull
+from .api import (ApiError, BodyLimit, ChatRequest, RagRequest, ServeMetrics, StreamMasker, explain_validation, parse_body,
+                            sse_chunk)
+from .prompts import PromptRegistry, cited_numbers, find_injection
+from .routing import ABRouter, parse_variants, parse_weights
+from .sources import Retriever, Source, load_retriever
+from .traces import FEEDBACK_FILE, FeedbackIn, FeedbackLog, TraceIndex, Tracer, normalize_rating
 
 log = logging.getLogger("llmtwin_nb.serve")
 
 # %% auto #0
-__all__ = ['log', 'FEEDBACK_FILE', 'TRAINED_MODELS', 'INJECTION_PATTERNS', 'THUMBS', 'LATENCY_BUCKETS', 'parse_weights',
-           'parse_variants', 'ServeParams', 'resolve_serve_model', 'repo_relative', 'Source', 'Retriever',
-           'assemble_context', 'EmbeddingRetriever', 'RagRetriever', 'load_retriever', 'reader_question',
-           'reader_questions', 'PromptTemplate', 'PromptRegistry', 'cited_numbers', 'find_injection', 'Tracer',
-           'LogRead', 'FeedbackLog', 'TraceIndex', 'read_traces', 'normalize_rating', 'FeedbackIn', 'assign_variant',
-           'ABRouter', 'ApiError', 'TextPart', 'ChatMessage', 'ChatRequest', 'RagRequest', 'invalid_text', 'parse_body',
-           'BodyLimit', 'ServeMetrics', 'Variant', 'Prepared', 'ServeState', 'StreamMasker', 'create_app',
-           'ServerThread', 'main', 'poisson_arrivals', 'load_test', 'compare_schedulers']
-
-# %% ../nbs/07_serving.ipynb #8b6e29fc
-def parse_weights(spec: str | dict, what: str = "serve.split") -> dict[str, float]:
-    "`'a=0.7,b=0.3'` (or a dict) -> `{'a': 0.7, 'b': 0.3}`, normalised to sum 1; a clear error otherwise."
-    d = dict(spec) if isinstance(spec, dict) else {}
-    if not isinstance(spec, dict):
-        for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
-            name, eq, w = part.partition("=")
-            if not eq or not name.strip(): raise ParamsError(f"{what}: `{part}` must be name=weight, e.g. a=0.7,b=0.3")
-            try: d[name.strip()] = float(w)
-            except ValueError: raise ParamsError(f"{what}: weight of `{name.strip()}` is {w!r}, not a number") from None
-    if not d: raise ParamsError(f"{what} is empty: give at least one name=weight, e.g. a=0.5,b=0.5")
-    bad = {k: v for k, v in d.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)}
-    if bad: raise ParamsError(f"{what}: weights must be finite and >= 0, got {bad}")
-    tot = sum(d.values())
-    if tot <= 0: raise ParamsError(f"{what}: the weights sum to 0; give at least one positive weight")
-    return {k: v / tot for k, v in d.items()}
-
-def parse_variants(spec: str | dict, what: str = "serve.variants") -> dict[str, str]:
-    "`'a=packaged:x,b=models/dpo/merged'` -> `{'a': 'packaged:x', 'b': 'models/dpo/merged'}` (name -> model reference)."
-    if isinstance(spec, dict): return dict(spec)
-    out = {}
-    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
-        name, eq, ref = part.partition("=")
-        if not eq or not name.strip() or not ref.strip(): raise ParamsError(f"{what}: `{part}` must be name=model_reference")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name.strip()): raise ParamsError(f"{what}: name `{name}` may use letters, digits, _ and - only")
-        out[name.strip()] = ref.strip()
-    if not out: raise ParamsError(f"{what} is empty: give name=model pairs, e.g. a=models/sft/merged,b=models/dpo/merged")
-    return out
+__all__ = ['log', 'TRAINED_MODELS', 'ServeParams', 'resolve_serve_model', 'repo_relative', 'Variant', 'Prepared', 'ServeState',
+           'fallback_headers', 'first_piece', 'request_failed', 'answer_request', 'run_request', 'start_engines',
+           'serve_state', 'body_doc', 'add_error_handlers', 'add_status_routes', 'chat_stream', 'add_chat_route',
+           'add_rag_routes', 'create_app', 'ServerThread', 'main']
 
 # %% ../nbs/07_serving.ipynb #405b664f
 @register_params("serve")
@@ -149,8 +123,6 @@ class ServeParams(Section):
         v = self.variant_refs()
         return parse_weights(self.split) if self.split else {k: 1 / len(v) for k in v}
 
-FEEDBACK_FILE = "feedback.jsonl"
-
 # %% ../nbs/07_serving.ipynb #32b13bad
 TRAINED_MODELS = ("models/dpo/merged", "models/sft/merged")
 
@@ -168,549 +140,6 @@ def repo_relative(ref: str, root: str | Path | None = None) -> str:
     if not p.is_absolute(): return ref
     try: return p.resolve().relative_to(Path(root or get_paths().root).resolve()).as_posix()
     except ValueError: return ref
-
-# %% ../nbs/07_serving.ipynb #ea2b8eb3
-@dataclasses.dataclass
-class Source:
-    "One retrieved chunk: `id` is the chunk id, `doc_id` its warehouse document, `n` its citation number once in a context."
-    id: str
-    title: str
-    url: Optional[str]
-    text: str
-    score: float
-    doc_id: Optional[str] = None
-    n: int = 0
-    author: Optional[str] = None
-
-class Retriever(Protocol):
-    def retrieve(self, query: str, k: int) -> list[Source]: ...
-    def assemble_context(self, sources: list[Source], budget_tokens: int, tokenizer) -> tuple[str, list[Source]]: ...
-    def close(self) -> None: ...
-
-# %% ../nbs/07_serving.ipynb #6284d677
-def _ntok(tokenizer, s: str) -> int:
-    return len(tokenizer(s, add_special_tokens=False)["input_ids"]) if tokenizer is not None else max(1, len(s) // 4)
-
-def assemble_context(sources: list[Source], budget_tokens: int, tokenizer=None) -> tuple[str, list[Source]]:
-    "A numbered context block within `budget_tokens` (LLM tokens; 4 characters a token without a tokenizer) and the sources kept."
-    parts, kept, used = [], [], 0
-    for s in sources:
-        head = f"[{len(kept) + 1}] {s.title}" + (f" ({s.url})" if s.url else "") + "\n"
-        room = budget_tokens - used - _ntok(tokenizer, head)
-        if room < 16: break
-        text = s.text
-        if _ntok(tokenizer, text) > room:        # cut on a word boundary to fit
-            words = text.split(); lo, hi = 0, len(words)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if _ntok(tokenizer, " ".join(words[:mid])) <= room - 1: lo = mid
-                else: hi = mid - 1
-            text = " ".join(words[:lo]) + " …"
-        parts.append(head + text); kept.append(dataclasses.replace(s, n=len(kept) + 1)); used += _ntok(tokenizer, head + text) + 2
-    return "\n\n".join(parts), kept
-
-class EmbeddingRetriever:
-    "Cosine search over a few in-memory texts with a sentence embedder (demos and tests without a Qdrant index)."
-    def __init__(self, docs: list[dict], embedder=None, embedder_ref: str = "packaged:minilm"):
-        self.docs = [dict(d) for d in docs]
-        self.emb = embedder or load_embedder(embedder_ref, "cpu")
-        self.vecs = self.emb.encode([d["text"] for d in self.docs], normalize_embeddings=True)
-    def retrieve(self, query: str, k: int) -> list[Source]:
-        q = self.emb.encode([query], normalize_embeddings=True)[0]
-        scores = self.vecs @ q
-        return [Source(id=str(self.docs[i]["id"]), title=self.docs[i].get("title", ""), url=self.docs[i].get("url"),
-                       text=self.docs[i]["text"], score=float(scores[i]), doc_id=self.docs[i].get("doc_id", self.docs[i]["id"]))
-                for i in scores.argsort()[::-1][:k]]
-    def assemble_context(self, sources, budget_tokens, tokenizer=None): return assemble_context(sources, budget_tokens, tokenizer)
-    def close(self): pass
-
-# %% ../nbs/07_serving.ipynb #0bd5eecd
-class RagRetriever:
-    "Adapter from `llmtwin_nb.rag` (chapter 02's Qdrant index) to the `Retriever` protocol; `author`: only that author's chunks."
-    def __init__(self, index_path: str | Path, embedder_ref: str = "packaged:minilm", collection: str = "chunks",
-                 reranker: str = "none", device: str = "auto", root: str | Path | None = None, author: str | None = None):
-        from llmtwin_nb import rag
-        self.rag, self.index_path, self._stack = rag, Path(index_path), contextlib.ExitStack()
-        self.snapshot, self.author, self.filters = None, author, None
-        try: client = self._stack.enter_context(rag.open_qdrant(self.index_path, create=False))
-        except rag.IndexLockedError:           # another process (a notebook, the eval chapter) holds the folder:
-            import shutil, tempfile            # we only read, so serve a private copy of it
-            tmp = Path(self._stack.enter_context(tempfile.TemporaryDirectory(prefix="llmtwin-qdrant-")))/"index"
-            shutil.copytree(self.index_path, tmp, ignore=shutil.ignore_patterns(".lock"))
-            client = self._stack.enter_context(rag.open_qdrant(tmp, create=False))
-            self.snapshot = tmp
-            log.warning("%s is open in another process: serving a read-only snapshot copy of it", self.index_path)
-        try:
-            emb = load_embedder(embedder_ref, device)
-            rcfg = rag.RagParams(collection=collection)
-            rr = None
-            if reranker != "none":
-                try: rr = rag.make_reranker(reranker, rcfg, self._texts(client, collection) if reranker == "lexical" else (),
-                                            Path(root)/"models" if root else None, device)
-                except (FileNotFoundError, OSError) as e: log.warning("serving without a reranker: %s", e)
-            self.reranker = type(rr).__name__ if rr else "none"
-            self.impl = rag.Retriever(client, collection, emb, rr, None, rcfg)
-            self.authors = list(self.impl.known.get("author") or [])
-            if author is not None:
-                if author not in self.authors:
-                    raise ValueError(f"the index at {self.index_path} holds no chunk by {author!r} (data.author) but by {self.authors or 'nobody'}: "
-                                     "rebuild it for this twin with `dvc repro rag`")
-                if set(self.authors) != {author}:        # another author's chunks must never reach the twin's context
-                    self.filters = {"author": author}
-                    log.warning("the index at %s also holds %s: searching %r's chunks only", self.index_path,
-                                sorted(set(self.authors) - {author}), author)
-        except BaseException: self._stack.close(); raise
-    @staticmethod
-    def _texts(client, collection):
-        out, off = [], None
-        while True:
-            pts, off = client.scroll(collection, limit=4096, offset=off, with_payload=["text"], with_vectors=False)
-            out += [p.payload.get("text", "") for p in pts]
-            if off is None: return out
-    def retrieve(self, query: str, k: int) -> list[Source]:
-        return [Source(id=str(h.id), title=h.title, url=h.url, text=h.text, score=float(h.score), doc_id=h.doc_id,
-                       author=(h.payload or {}).get("author"))
-                for h in self.impl.retrieve(query, k, filters=self.filters)]
-    def assemble_context(self, sources: list[Source], budget_tokens: int, tokenizer) -> tuple[str, list[Source]]:
-        hits = [self.rag.Hit(s.id, s.doc_id, s.score, s.text, s.title, s.url, {}) for s in sources]
-        ctx, docs = self.rag.assemble_context(hits, tokenizer, budget_tokens)
-        num = {d["doc_id"]: d["n"] for d in docs}
-        return ctx, [dataclasses.replace(s, n=num[s.doc_id]) for s in sources if s.doc_id in num]
-    def close(self): self._stack.close()
-
-def load_retriever(index_path: str | Path, embedder_ref: str = "packaged:minilm", collection: str = "chunks",
-                   reranker: str = "none", device: str = "auto", root: str | Path | None = None, author: str | None = None) -> Retriever:
-    "The chapter-02 Qdrant retriever (only `author`'s chunks when given); `FileNotFoundError` saying what to run if the index or `rag` is missing."
-    import importlib.util
-    p = Path(index_path)
-    if not p.exists(): raise FileNotFoundError(f"no vector index at {p}: run `dvc repro rag` (chapter 02) first, or set serve.index_path")
-    if importlib.util.find_spec("llmtwin_nb.rag") is None:
-        raise FileNotFoundError("llmtwin_nb.rag is not installed: export nbs/02_rag.ipynb (nbdev_export)")
-    return RagRetriever(p, embedder_ref, collection, reranker, device, root, author)
-
-
-# %% ../nbs/07_serving.ipynb #d1fa7a1b
-def reader_question(extract: str) -> str:
-    "How a reader asks about a passage: its key words in a question (the one phrasing the serving and MLOps chapters use)."
-    from llmtwin_nb.sft import key_phrase
-    return f"What have you written about {key_phrase(extract)}?"
-
-def reader_questions(docs, n: int | None = 8, seed: int = 0, *, split: str | None = None, per_doc: int = 1) -> list[dict]:
-    """`n` (None: all) questions `{question, doc_id, title}` a reader could ask about `docs`: the key words of the first
-    `per_doc` extracts of each (prose first); `split`: only documents of that split (e.g. `test`: held out of training)."""
-    from llmtwin_nb.sft import split_extracts
-    if n is not None and n < 1: raise ValueError(f"n must be >= 1 (or None: all), got {n}")
-    usable = sorted((d for d in docs if (d.content or "").strip() and (split is None or getattr(d, "split", "train") == split)), key=lambda d: d.id)
-    pool = [d for d in usable if getattr(d, "kind", None) != "repository"] or usable
-    if not pool: raise ValueError(f"no {split + '-split ' if split else ''}document with text to ask about: the twin has none in the "
-                                  "warehouse (run `dvc repro data`)")
-    random.Random(seed).shuffle(pool)
-    return [dict(question=reader_question(e), doc_id=d.id, title=d.title)
-            for d in pool[:n] for e in (split_extracts(d.content, 250, 800) or [d.content])[:per_doc]]
-
-# %% ../nbs/07_serving.ipynb #1b33d4e8
-class PromptTemplate(BaseModel):
-    "One versioned chat template: `{name}` fields in each message's `template` are filled at render time."
-    model_config = ConfigDict(extra="forbid")
-    id: str = Field(pattern=r"^[a-z0-9_]+$")
-    version: int = Field(ge=1)
-    description: str = ""
-    messages: list[dict]
-
-    @field_validator("messages")
-    @classmethod
-    def _messages(cls, v):
-        if not v: raise ValueError("needs at least one message")
-        for i, m in enumerate(v):
-            if set(m) != {"role", "template"} or m["role"] not in ("system", "user", "assistant") or not isinstance(m["template"], str):
-                raise ValueError(f"messages[{i}] must be {{role: system|user|assistant, template: str}}, got {m!r}"[:200])
-        return v
-    @property
-    def sha8(self) -> str:
-        return hashlib.sha256(json.dumps(self.messages, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:8]
-    @property
-    def template_id(self) -> str: return f"{self.id}@v{self.version}#{self.sha8}"
-    @property
-    def variables(self) -> set[str]:
-        import string
-        return {f for m in self.messages for _, f, _, _ in string.Formatter().parse(m["template"]) if f}
-    def render(self, history: list[dict] | None = None, **values) -> list[dict]:
-        "Chat messages with `{name}` fields filled; `history` (earlier turns, system messages dropped) goes after the system message."
-        missing = self.variables - set(values)
-        if missing: raise KeyError(f"template {self.template_id} needs {sorted(missing)}; got {sorted(values)}")
-        out = [{"role": m["role"], "content": m["template"].format(**values)} for m in self.messages]
-        if history:
-            k = 1 if out and out[0]["role"] == "system" else 0
-            out = out[:k] + [m for m in history if m["role"] != "system"] + out[k:]
-        return out
-
-class PromptRegistry:
-    "All templates under a folder (`<id>_v<version>.yaml`); `get(id)` is the latest version, `get(id, v)` or `get('id@vN')` a fixed one."
-    def __init__(self, folder: str | Path = "prompts"):
-        self.folder, self.templates = Path(folder), {}
-        if not self.folder.is_dir(): raise FileNotFoundError(f"no prompt folder {self.folder}: set serve.prompts_dir to the folder with the *.yaml templates")
-        for f in sorted(self.folder.glob("*.yaml")):
-            try: t = PromptTemplate(**yaml.safe_load(f.read_text()))
-            except (ValidationError, TypeError, yaml.YAMLError) as e: raise ValueError(f"{f}: not a valid prompt template: {e}") from None
-            if f.stem != f"{t.id}_v{t.version}": raise ValueError(f"{f}: holds {t.id} v{t.version}; name the file {t.id}_v{t.version}.yaml")
-            self.templates[(t.id, t.version)] = t
-        if not self.templates: raise FileNotFoundError(f"no *.yaml prompt templates in {self.folder}")
-    def get(self, id: str, version: int | None = None) -> PromptTemplate:
-        if "@v" in id and version is None: id, v = id.split("@v", 1); version = int(v)
-        vs = sorted(v for i, v in self.templates if i == id)
-        if not vs: raise KeyError(f"no prompt template `{id}` in {self.folder}; known: {sorted({i for i, _ in self.templates})}")
-        if version is None: version = vs[-1]
-        if (id, version) not in self.templates: raise KeyError(f"prompt `{id}` has versions {vs}, not {version}")
-        return self.templates[(id, version)]
-    def render(self, id: str, version: int | None = None, **values) -> tuple[list[dict], str]:
-        "`(messages, template_id)`: what to send and what to write in the trace."
-        t = self.get(id, version); return t.render(**values), t.template_id
-    def ids(self) -> list[str]: return [t.template_id for t in self.templates.values()]
-
-def cited_numbers(answer: str) -> set[int]:
-    "The source numbers an answer cites as [n] (also [1, 2] and [1][3])."
-    return {int(n) for grp in re.findall(r"\[(\d+(?:\s*,\s*\d+)*)\]", answer) for n in re.split(r"\s*,\s*", grp)}
-
-# %% ../nbs/07_serving.ipynb #0d95f247
-from .data import mask_pii
-
-INJECTION_PATTERNS = {
-    "ignore_instructions": r"\b(?:ignore|disregard|forget|override)\b[^.\n]{0,40}\b(?:previous|prior|above|earlier|all|your|the|system)\b[^.\n]{0,20}\b(?:instructions?|prompts?|rules?|directions?)",
-    "reveal_prompt": r"\b(?:reveal|show|print|repeat|leak|tell me)\b[^.\n]{0,30}\b(?:system prompt|hidden prompt|initial prompt|your (?:instructions|prompt|rules))",
-    "role_override": r"\byou are (?:now|no longer)\b|\bact as (?:an? )?(?:unrestricted|unfiltered|jailbroken)|\bdeveloper mode\b|\bDAN\b|\bjailbreak",
-    "fake_turn": r"(?im)^\s*(?:system|assistant)\s*:|<\|?(?:system|im_start|im_end)\|?>|\[/?INST\]",
-}
-_INJ = {k: re.compile(v, re.I if not v.startswith("(?") else 0) for k, v in INJECTION_PATTERNS.items()}
-
-def find_injection(text: str) -> list[str]:
-    "Names of the prompt-injection patterns `text` matches (empty list: none)."
-    return [k for k, p in _INJ.items() if p.search(text or "")]
-
-# %% ../nbs/07_serving.ipynb #382ef2ea
-class Tracer:
-    "Append-safe JSONL trace log (one record per request)."
-    def __init__(self, path: str | Path):
-        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
-    def write(self, record: dict) -> None:
-        line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.write(fd, line)
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN); os.close(fd)
-    def read(self) -> list[dict]:
-        return [json.loads(l) for l in self.path.read_text().splitlines()] if self.path.exists() else []
-
-# %% ../nbs/07_serving.ipynb #75cbd5e4
-def _crc(payload: str) -> str: return f"{zlib.crc32(payload.encode()):08x}"
-
-@dataclasses.dataclass
-class LogRead:
-    "What `FeedbackLog.read` found: the intact records and one note per corrupt line (line number, byte offset, why)."
-    records: list[dict]
-    corrupt: list[dict]
-
-class FeedbackLog:
-    "Durable append-only JSONL: one checksummed record per line, appended with one write under an inter-process lock."
-    def __init__(self, path: str | Path):
-        self.path = Path(path); self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    @staticmethod
-    def encode(record: dict) -> bytes:
-        payload = json.dumps(record, ensure_ascii=False, sort_keys=True, separators=(",", ":"), default=str)
-        return (json.dumps({"crc": _crc(payload), "rec": payload}, ensure_ascii=False) + "\n").encode()
-
-    def append(self, record: dict) -> dict:
-        "Store `record` (an `id` and a `ts` are added if missing) durably; returns the stored record."
-        if not isinstance(record, dict): raise TypeError(f"a feedback record must be a dict, got {type(record).__name__}")
-        rec = {"id": record.get("id") or uuid.uuid4().hex, "ts": record.get("ts") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **record}
-        line = self.encode(rec)
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o644)     # read: to look at the last byte
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            size = os.fstat(fd).st_size
-            if size and os.pread(fd, 1, size - 1) != b"\n": line = b"\n" + line     # a torn tail: start on a new line
-            n = os.write(fd, line)
-            if n != len(line): raise OSError(errno.EIO, f"short write to {self.path}: {n} of {len(line)} bytes")
-            os.fsync(fd)
-        finally:
-            with contextlib.suppress(OSError): fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
-        return rec
-
-    def read(self) -> LogRead:
-        "All intact records in order, and the corrupt lines (a torn last line, a bad checksum, garbage) that were skipped."
-        recs, bad = [], []
-        if not self.path.exists(): return LogRead(recs, bad)
-        data, off = self.path.read_bytes(), 0
-        for i, raw in enumerate(data.split(b"\n"), 1):
-            start, off = off, off + len(raw) + 1
-            if not raw.strip(): continue
-            why = None
-            try:
-                outer = json.loads(raw)
-                if not isinstance(outer, dict) or not {"crc", "rec"} <= set(outer): why = "not a checksummed record"
-                elif _crc(outer["rec"]) != outer["crc"]: why = "checksum mismatch"
-                else: recs.append(json.loads(outer["rec"]))
-            except (ValueError, UnicodeDecodeError, TypeError) as e:
-                why = "torn (no end of line)" if start + len(raw) >= len(data) and not data.endswith(b"\n") else "invalid JSON (a torn write or garbage)"
-            if why: bad.append(dict(line=i, offset=start, bytes=len(raw), reason=why, head=raw[:60].decode("utf-8", "replace")))
-        return LogRead(recs, bad)
-
-    def records(self) -> list[dict]: return self.read().records
-
-# %% ../nbs/07_serving.ipynb #f5775aa6
-class TraceIndex:
-    "trace_id -> trace record over a JSONL trace file, refreshed incrementally; callable as a lookup."
-    def __init__(self, path: str | Path):
-        self.path, self.offset, self.by_id, self.order, self.bad = Path(path), 0, {}, [], 0
-        self._lock = threading.Lock()
-    def refresh(self) -> "TraceIndex":
-        with self._lock:
-            if not self.path.exists(): return self
-            with open(self.path, "rb") as f:
-                f.seek(self.offset); data = f.read()
-            end = data.rfind(b"\n") + 1                 # keep a partial last line for the next refresh
-            for raw in data[:end].split(b"\n"):
-                if not raw.strip(): continue
-                try: rec = json.loads(raw)
-                except ValueError: self.bad += 1; continue
-                if isinstance(rec, dict) and rec.get("trace_id"):
-                    if rec["trace_id"] not in self.by_id: self.order.append(rec["trace_id"])
-                    self.by_id[rec["trace_id"]] = rec
-            self.offset += end
-        return self
-    def get(self, trace_id: str) -> dict | None:
-        if trace_id not in self.by_id: self.refresh()
-        return self.by_id.get(trace_id)
-    __call__ = get
-    def records(self) -> list[dict]: self.refresh(); return [self.by_id[t] for t in self.order]
-
-def read_traces(path: str | Path) -> list[dict]:
-    "Every parseable trace record of a JSONL trace file, in order (corrupt lines skipped)."
-    return TraceIndex(path).records()
-
-THUMBS = {"up": 5, "thumbs_up": 5, "+1": 5, "down": 1, "thumbs_down": 1, "-1": 1}
-
-def normalize_rating(v) -> int:
-    "1-5 integer from a rating or a thumbs value; `ValueError` saying what is allowed otherwise."
-    if isinstance(v, bool) or v is None or isinstance(v, float): raise ValueError(f"must be an integer 1-5 or one of {sorted(THUMBS)}, got {v!r}")
-    if isinstance(v, int):
-        if not 1 <= v <= 5: raise ValueError(f"must be between 1 and 5, got {v}")
-        return v
-    if isinstance(v, str) and v.strip().lower() in THUMBS: return THUMBS[v.strip().lower()]
-    raise ValueError(f"must be an integer 1-5 or one of {sorted(THUMBS)}, got {v!r}")
-
-class FeedbackIn(BaseModel):
-    "The body of `POST /feedback`."
-    model_config = ConfigDict(strict=True, extra="forbid")
-    trace_id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
-    rating: Any = Field(description="1-5, or 'up'/'down'")
-    corrected_text: Optional[str] = Field(None, max_length=20000)
-    user: Optional[str] = Field(None, max_length=256)
-    comment: Optional[str] = Field(None, max_length=2000)
-
-    @field_validator("rating")
-    @classmethod
-    def _rating(cls, v):
-        normalize_rating(v)
-        return v.strip().lower() if isinstance(v, str) else v
-
-# %% ../nbs/07_serving.ipynb #088dae0c
-def assign_variant(key: str, variants: dict[str, float] | str, salt: str = "") -> str:
-    "The variant for user/session `key`: deterministic (SHA-256 of `salt:key`), stable across processes, split by weight."
-    w = parse_weights(variants, "variants")
-    u = int.from_bytes(hashlib.sha256(f"{salt}:{key}".encode()).digest()[:8], "big") / 2**64
-    acc = 0.0
-    for name, p in sorted(w.items()):                 # sorted: the order a dict was written in does not matter
-        acc += p
-        if u < acc: return name
-    return next(n for n, p in sorted(w.items(), reverse=True) if p > 0)
-
-class ABRouter:
-    "Holds model versions (name -> backend, e.g. a `BatchEngine`) and routes each key to one of them by `assign_variant`."
-    def __init__(self, backends: dict[str, Any], split: dict[str, float] | str, salt: str = ""):
-        self.backends, self.split, self.salt = dict(backends), parse_weights(split), salt
-        if set(self.split) != set(self.backends):
-            raise ValueError(f"the split names {sorted(self.split)} must match the backends {sorted(self.backends)}")
-        self.served = Counter()
-    def variant(self, key: str) -> str: return assign_variant(key, self.split, self.salt)
-    def route(self, key: str) -> tuple[str, Any]:
-        "`(variant name, backend)` for this user/session key."
-        name = self.variant(key); self.served[name] += 1
-        return name, self.backends[name]
-    def observed_split(self, keys) -> dict[str, float]:
-        "The share of `keys` each variant gets (what the split looks like over a population of users)."
-        c = Counter(self.variant(k) for k in keys); n = max(sum(c.values()), 1)
-        return {k: round(c[k] / n, 4) for k in self.split}
-
-# %% ../nbs/07_serving.ipynb #26329ade
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-
-class ApiError(Exception):
-    "An error answered in OpenAI's shape: `{'error': {'message', 'type', 'param', 'code'}}`."
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = status, message, type, param, code, headers or {}
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": dict(message=self.message, type=self.type, param=self.param, code=self.code)},
-                            status_code=self.status, headers=self.headers)
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-class TextPart(_Strict):
-    type: Literal["text"]
-    text: str
-
-class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Union[str, list[TextPart]]
-    def text(self) -> str: return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-class ChatRequest(_Strict):
-    model: str
-    messages: list[ChatMessage]
-    max_tokens: Optional[int] = Field(None, ge=1)
-    max_completion_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0, le=2)
-    stream: bool = False
-    stream_options: Optional[dict[str, Any]] = None     # {"include_usage": true}: a last chunk with the token counts
-    n: int = Field(1, ge=1)
-    user: Optional[str] = None
-
-class RagRequest(_Strict):
-    question: str
-    k: Optional[int] = Field(None, ge=1, le=50)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    temperature: float = Field(0.0, ge=0, le=2)
-    user: Optional[str] = None
-
-def _explain_validation(errors: list[dict]) -> tuple[str, str | None]:
-    "One message naming each bad field and what it should be (pydantic's errors, OpenAI's wording)."
-    msgs, param = [], None
-    for e in errors:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        where = ".".join(loc)
-        if not loc: msgs.append("the body must be a JSON object like {\"model\": ..., \"messages\": [...]}")
-        elif e.get("type") == "missing": msgs.append(f"`{where}` is required")
-        else: msgs.append(f"`{where}`: {str(e.get('msg')).removeprefix('Value error, ')} (got {json.dumps(e.get('input'), default=str)[:60]})")
-        param = param or where or None
-    return "; ".join(dict.fromkeys(msgs)), param
-
-def invalid_text(obj) -> tuple[str, int, str] | None:
-    "The first string (value or key) of a parsed JSON value that is not Unicode text: `(where, index, 'U+XXXX')`; None if all are."
-    todo = [((), obj, False)]
-    while todo:
-        path, o, is_key = todo.pop()
-        if isinstance(o, str):
-            try: o.encode("utf-8")                    # fails exactly on lone surrogates, which JSON's \uXXXX escapes can carry
-            except UnicodeEncodeError as e:
-                where = ".".join(map(str, path)) or "body"
-                return (f"a key in `{where}`" if is_key else f"`{where}`"), e.start, f"U+{ord(o[e.start]):04X}"
-        elif isinstance(o, dict):
-            for k in reversed(list(o)): todo += [(path + (k,), o[k], False), (path, k, True)]     # the key is checked first
-        elif isinstance(o, list):
-            todo += [(path + (i,), v, False) for i, v in reversed(list(enumerate(o)))]
-    return None
-
-async def parse_body(request: Request, model: type[BaseModel]) -> BaseModel:
-    "The JSON body validated against `model`; `ApiError(400)` saying what is wrong otherwise (text the model cannot read included)."
-    from pydantic import ValidationError
-    raw = await request.body()
-    try: obj = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"the request body is not valid JSON ({e}); send a JSON object with Content-Type: application/json",
-                       code="invalid_json") from None
-    except RecursionError:
-        raise ApiError(400, "the request body is nested too deeply to parse; send a flat JSON object like {\"model\": ..., \"messages\": [...]}",
-                       code="invalid_json") from None
-    if bad := invalid_text(obj):                      # checked here, at the boundary: no tokenizer, log or trace ever sees it
-        where, i, ch = bad
-        raise ApiError(400, f"{where} is not valid text: it holds a lone UTF-16 surrogate ({ch}) at character {i}, which cannot be "
-                            "tokenized or stored; send Unicode text (a character beyond U+FFFF as a surrogate *pair* of \\u escapes, "
-                            "or as UTF-8)", param=where.strip("`") if where.startswith("`") else None, code="invalid_text")
-    try: return model.model_validate(obj)
-    except ValidationError as e:
-        msg, param = _explain_validation(e.errors())
-        raise ApiError(400, msg, param=param, code="invalid_request") from None
-
-# %% ../nbs/07_serving.ipynb #2427f434
-class BodyLimit:
-    "ASGI middleware: refuse request bodies over `max_bytes` with 413 (by Content-Length, or while reading)."
-    def __init__(self, app, max_bytes: int): self.app, self.max_bytes = app, max_bytes
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"): return await self.app(scope, receive, send)
-        too_big = ApiError(413, f"request body over the limit of {self.max_bytes} bytes (serve.max_request_bytes): send shorter messages",
-                           code="request_too_large").response()
-        cl = dict(scope["headers"]).get(b"content-length")
-        if cl is not None and cl.isdigit() and int(cl) > self.max_bytes: return await too_big(scope, receive, send)
-        body, more = b"", True
-        while more:
-            msg = await receive()
-            if msg["type"] == "http.disconnect": return
-            body += msg.get("body", b""); more = msg.get("more_body", False)
-            if len(body) > self.max_bytes: return await too_big(scope, receive, send)
-        sent = False
-        async def replay():
-            nonlocal sent
-            if not sent: sent = True; return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-        return await self.app(scope, replay, send)
-
-# %% ../nbs/07_serving.ipynb #7e1c0a02
-LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120)
-_ENDPOINTS = {"/v1/chat/completions": "chat", "/rag": "rag", "/feedback": "feedback"}
-
-class ServeMetrics:
-    "The service's Prometheus metrics in a registry of its own; `observe(trace)` per request, `text()` is what GET /metrics answers."
-    def __init__(self):
-        from prometheus_client import CollectorRegistry, Counter as C, Gauge, Histogram
-        self.registry = r = CollectorRegistry()
-        L = ["endpoint", "variant", "prompt_version"]
-        self.requests = C("llmtwin_requests", "Requests answered, by HTTP status", L + ["status"], registry=r)
-        self.errors = C("llmtwin_errors", "Requests answered with an error (HTTP status >= 400), by error code", L + ["code"], registry=r)
-        self.latency = Histogram("llmtwin_request_latency_seconds", "Time to the whole answer", L, registry=r, buckets=LATENCY_BUCKETS)
-        self.ttft = Histogram("llmtwin_time_to_first_token_seconds", "Streamed answers: time to the first piece", L, registry=r,
-                              buckets=LATENCY_BUCKETS)
-        self.tokens_in = C("llmtwin_prompt_tokens", "Prompt tokens", ["variant", "prompt_version"], registry=r)
-        self.tokens_out = C("llmtwin_completion_tokens", "Completion tokens", ["variant", "prompt_version"], registry=r)
-        self.cost = C("llmtwin_cost_usd", "Cost at serve.prices, by the model that answered", ["variant", "model"], registry=r)
-        self.fallbacks = C("llmtwin_fallbacks", "Requests answered by serve.fallback_model", ["variant", "reason"], registry=r)
-        self.queue = Gauge("llmtwin_queue_depth", "Requests queued or running", ["variant"], registry=r)
-        self.batch = Histogram("llmtwin_batch_size", "Requests per generate call (openai backend: 1, the upstream batches)", ["variant"],
-                               registry=r, buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-
-    def watch(self, name: str, engine: "BatchEngine"):
-        "Export `engine`'s queue depth and batch sizes as variant `name`."
-        self.queue.labels(name).set_function(lambda: engine.inflight)
-        engine.on_batch = lambda size, dt: self.batch.labels(name).observe(size)
-
-    def observe(self, rec: dict):
-        "Count one request from its trace record."
-        lab = dict(endpoint=rec.get("endpoint") or "", variant=rec.get("variant") or "", prompt_version=rec.get("template_id") or "")
-        status = int(rec.get("status") or 200)
-        self.requests.labels(**lab, status=str(status)).inc()
-        if status >= 400: self.errors.labels(**lab, code=rec.get("error_code") or str(status)).inc()
-        if rec.get("latency_ms") is not None: self.latency.labels(**lab).observe(rec["latency_ms"] / 1000)
-        if rec.get("ttft_ms") is not None: self.ttft.labels(**lab).observe(rec["ttft_ms"] / 1000)
-        v = dict(variant=lab["variant"], prompt_version=lab["prompt_version"])
-        if rec.get("prompt_tokens"): self.tokens_in.labels(**v).inc(rec["prompt_tokens"])
-        if rec.get("completion_tokens"): self.tokens_out.labels(**v).inc(rec["completion_tokens"])
-        if rec.get("cost_usd"): self.cost.labels(variant=lab["variant"], model=rec.get("answered_by") or "").inc(rec["cost_usd"])
-        if rec.get("fallback"): self.fallbacks.labels(variant=lab["variant"], reason=rec["fallback"]["reason"]).inc()
-
-    def refused(self, path: str, status: int, code: str | None):
-        "A request refused before it reached a variant (validation, auth, limits): no variant, no prompt version."
-        self.observe(dict(endpoint=_ENDPOINTS.get(path, path), status=status, error_code=code))
-
-    def text(self) -> bytes:
-        from prometheus_client import generate_latest
-        return generate_latest(self.registry)
 
 # %% ../nbs/07_serving.ipynb #40065f4f
 @dataclasses.dataclass
@@ -734,6 +163,7 @@ class Prepared:
     template_id: str = "chat"
     user: str | None = None
 
+# %% ../nbs/07_serving.ipynb #41f08b43
 class ServeState:
     def __init__(self, cfg: ServeParams, variants: dict[str, Variant], retriever: Retriever | None, tracer: Tracer,
                  prompts: PromptRegistry, feedback: FeedbackLog | None = None, index_error: str | None = None, author: str | None = None,
@@ -906,22 +336,244 @@ class ServeState:
         rec.update({k: trace.get(k) for k in ("variant", "template_id", "model", "backend_model") if trace.get(k) is not None})
         return self.feedback.append(rec)
 
-# %% ../nbs/07_serving.ipynb #d533fdd1
-def _chunk(cid, created, model, delta, finish=None) -> str:
-    return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,
-                                  "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}) + "\n\n"
+# %% ../nbs/07_serving.ipynb #145dac02
+def fallback_headers(fb: dict | None) -> dict:
+    "The response headers that say the fallback answered, and why."
+    return {"X-Fallback": fb["model"], "X-Fallback-Reason": fb["reason"]} if fb else {}
 
-class StreamMasker:
-    "Masks PII in streamed text: holds back the last `hold` characters so a pattern split over pieces is still caught."
-    def __init__(self, enabled=True, hold=48): self.enabled, self.hold, self.raw, self.sent = enabled, hold, "", 0
-    def feed(self, piece: str, final: bool = False) -> str:
-        self.raw += piece
-        if not self.enabled: out = self.raw[self.sent:]; self.sent = len(self.raw); return out
-        masked = mask_pii(self.raw)[0]
-        upto = len(masked) if final else max(self.sent, len(masked) - self.hold)
-        out = masked[self.sent:upto]; self.sent = upto
-        return out
+async def first_piece(fut: cf.Future, q: asyncio.Queue | None, timeout: float | None):
+    "Whole answer (q None), or a stream's first piece (None: it ended without one); raises the engine's error or TimeoutError."
+    if q is None:
+        af = asyncio.wrap_future(fut)
+        try: return await asyncio.wait_for(asyncio.shield(af), timeout)
+        except TimeoutError:                                 # abandoned: its late result or error is nobody's
+            af.add_done_callback(lambda f: f.cancelled() or f.exception()); raise
+    item = await asyncio.wait_for(q.get(), timeout)
+    if item is None: fut.result()                            # raises if it failed
+    return item
 
+def request_failed(s: ServeState, p: Prepared, e: Exception, trace_id: str, endpoint: str, model: str, t0: float,
+                   fb: dict | None = None) -> ApiError:
+    "Trace a request nobody could answer; the error to send: the upstream's status (openai backend), else 500."
+    status, code = (e.status, "upstream_error") if isinstance(e, UpstreamError) else (500, "generation_failed")
+    s.trace(trace_id, endpoint, model, t0, p, status=status, error=f"{type(e).__name__}: {e}", fallback=fb, code=code)
+    err = ApiError(status, f"generation failed ({type(e).__name__}: {e}){' and the fallback failed too' if fb else ''}; trace {trace_id}. "
+                   "The server is still up: retry", type="server_error" if status >= 500 else "invalid_request_error", code=code,
+                   headers={"X-Trace-Id": trace_id, "X-Variant": p.variant.name, **fallback_headers(fb)})
+    err.traced = True
+    return err
+
+async def answer_request(s: ServeState, p: Prepared, trace_id: str, endpoint: str, model: str, t0: float, stream: bool):
+    """Start `p` on its variant; if that fails (or passes serve.variant_timeout_s) before the answer (a stream: its first
+    piece), on the fallback model. `(future, piece queue, first result, fallback info)`; `ApiError` if nobody answers."""
+    loop, fb, cfg = asyncio.get_running_loop(), None, s.cfg
+    for engine in (p.variant.engine, s.fallback.engine if s.fallback else None):
+        q = asyncio.Queue() if stream else None
+        put = (lambda q: lambda t: loop.call_soon_threadsafe(q.put_nowait, t))(q) if stream else None
+        fut = s.submit(p, put, engine)
+        if stream: fut.add_done_callback(lambda f, put=put: put(None))
+        timeout = cfg.variant_timeout_s if fb is None and s.fallback else None
+        try: return fut, q, await first_piece(fut, q, timeout), fb
+        except Exception as e:
+            if fb is not None or s.fallback is None: raise request_failed(s, p, e, trace_id, endpoint, model, t0, fb) from None
+            fut.cancel()                                     # still queued: it never runs (a running one is left to finish)
+            reason = "timeout" if isinstance(e, TimeoutError) else "error"
+            why = f"no answer within {cfg.variant_timeout_s} s" if reason == "timeout" else f"{type(e).__name__}: {e}"
+            fb = dict(reason=reason, error=why, model=s.fallback.model_ref, variant_model=p.variant.model_ref)
+            log.warning("variant %s (%s): %s; the fallback %s answers", p.variant.name, p.variant.model_ref, why, s.fallback.model_ref)
+
+async def run_request(s: ServeState, p: Prepared, trace_id: str, endpoint: str, model: str, t0: float) -> tuple[ChatResult, str, dict | None]:
+    "A whole (not streamed) answer: generated, masked and traced; `(result, text, fallback info)`."
+    _, _, r, fb = await answer_request(s, p, trace_id, endpoint, model, t0, stream=False)
+    text, pii_out = s.finish(r)
+    s.trace(trace_id, endpoint, model, t0, p, text, r, flags={"pii_masked_out": pii_out}, fallback=fb)
+    return r, text, fb
+
+
+# %% ../nbs/07_serving.ipynb #a242a056
+async def start_engines(cfg: ServeParams, models_llm: str, root: Path, device: str, dtype: str, seed: int,
+                        loaded: dict[str, tuple]) -> tuple[dict[str, Variant], Variant | None]:
+    """One started engine per variant, and the fallback's (None without serve.fallback_model). `loaded`: models already in
+    memory ({reference: (model, tokenizer)}); the rest load here, each once however many variants serve it, and every
+    engine gets a tokenizer of its own (each worker pads with its own). On any failure the started engines stop."""
+    variants, fallback, loaded = {}, None, dict(loaded)
+    given, used = set(loaded), set()
+    ekw = dict(name=cfg.served_name, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms, max_queue=cfg.max_queue, seed=seed,
+               scheduler=cfg.scheduler)
+    async def local(ref: str) -> BatchEngine:
+        if ref not in loaded: loaded[ref] = await asyncio.to_thread(load_llm, ref, device, dtype)
+        m, t = loaded[ref]
+        if ref in used or ref in given: t = copy.deepcopy(t)
+        used.add(ref)
+        return BatchEngine(m, t, **ekw)
+    try:
+        for name, vref in cfg.variant_refs().items():
+            if cfg.backend == "openai":
+                ref = vref
+                engine = BatchEngine(backend=OpenAIChatBackend(cfg.base_url, ref, timeout_s=cfg.upstream_timeout_s,
+                                                               max_retries=cfg.upstream_max_retries, seed=seed), **ekw)
+            else:
+                ref = resolve_serve_model(vref, models_llm, root)
+                engine = await local(ref)
+            variants[name] = Variant(name, repo_relative(str(ref), root), engine.start())
+        if cfg.fallback_model:                                   # always a model in this process: it answers when the engine fails
+            ref = resolve_serve_model(cfg.fallback_model, models_llm, root)
+            fallback = Variant("fallback", repo_relative(ref, root), (await local(ref)).start())
+    except BaseException:
+        for v in [*variants.values(), *([fallback] if fallback else [])]: v.engine.stop()
+        raise
+    return variants, fallback
+
+
+# %% ../nbs/07_serving.ipynb #4877d4ce
+def serve_state(request: Request) -> ServeState: return request.app.state.serve
+
+def body_doc(m: type[BaseModel]) -> dict:
+    "OpenAPI docs for a body the handler parses itself (`parse_body`): its JSON schema."
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": m.model_json_schema()}}}}
+
+def add_error_handlers(app: FastAPI):
+    "Every error in OpenAI's shape, counted in the metrics (a traced one is counted with its trace)."
+    def refused(request, status: int, code: str | None):
+        if (s := getattr(request.app.state, "serve", None)) is not None: s.metrics.refused(request.url.path, status, code)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request, exc: ApiError):
+        if not getattr(exc, "traced", False): refused(request, exc.status, exc.code)      # traced ones are counted with their trace
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, exc: RequestValidationError):
+        msg, param = explain_validation(exc.errors())
+        refused(request, 400, "invalid_request")
+        return ApiError(400, msg, param=param, code="invalid_request").response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request, exc: Exception):
+        log.exception("unhandled error")
+        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}; the server is still running, retry",
+                        type="server_error", code="internal_error").response()
+
+def add_status_routes(app: FastAPI):
+    "`GET /health`, `GET /metrics` and `GET /v1/models`."
+    @app.get("/health")
+    async def health(request: Request):
+        s = serve_state(request); e = s.engine; w = s.ab.split; cfg = s.cfg
+        return {"status": "ok", "model": s.model_ref, "served_as": s.model_ids, "backend": cfg.backend, "author": s.author,
+                "retrieval": s.retriever is not None, "index_error": s.index_error, "inflight": sum(x.inflight for x in s.engines.values()),
+                "max_queue": e.max_queue, "max_batch_size": e.max_batch_size, "batches": sum(x.stats["batches"] for x in s.engines.values()),
+                "requests": sum(x.stats["requests"] for x in s.engines.values()),
+                "failed_batches": sum(x.stats["failed_batches"] for x in s.engines.values()),
+                "rejected": sum(x.stats["rejected"] for x in s.engines.values()), "batch_sizes": dict(e.batch_sizes),
+                "variants": {n: {"model": v.model_ref, "weight": round(w[n], 4), "assigned": s.ab.served[n], "requests": v.engine.stats["requests"],
+                                 "batch_sizes": dict(v.engine.batch_sizes)} for n, v in s.variants.items()},
+                "fallback": s.fallback.model_ref if s.fallback else None, "variant_timeout_s": cfg.variant_timeout_s,
+                "rag_template": s.rag_template.template_id, "uptime_s": round(time.time() - s.started, 1)}
+
+    @app.get("/metrics")
+    async def metrics(request: Request):
+        "Prometheus text format (scrape it like any exporter)."
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(serve_state(request).metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def list_models(request: Request):
+        s = serve_state(request); s.check_auth(request)
+        return {"object": "list", "data": [{"id": m, "object": "model", "created": int(s.started), "owned_by": "llmtwin_nb"} for m in s.model_ids]}
+
+
+# %% ../nbs/07_serving.ipynb #514aba16
+async def chat_stream(s: ServeState, p: Prepared, model: str, cid: str, created: int, trace_id: str, t0: float,
+                      fut: cf.Future, q: asyncio.Queue, piece: str | None, fb: dict | None, ttft: float | None, usage: bool):
+    "Server-sent events of a streamed chat answer from its first `piece` on: masked pieces, the finish, the usage if asked, [DONE]."
+    masker = StreamMasker(s.cfg.pii_mask)
+    yield sse_chunk(cid, created, model, {"role": "assistant", "content": ""})
+    while piece is not None:
+        if out := masker.feed(piece): yield sse_chunk(cid, created, model, {"content": out})
+        piece = await q.get()
+    try: r = fut.result()
+    except Exception as e:                               # it broke after the first piece: the status line is sent
+        status = e.status if isinstance(e, UpstreamError) else 500
+        s.trace(trace_id, "chat.stream", model, t0, p, status=status, error=f"{type(e).__name__}: {e}", fallback=fb,
+                ttft_s=ttft, code="stream_broken")
+        yield "data: " + json.dumps({"error": {"message": f"generation failed ({e}); trace {trace_id}", "type": "server_error",
+                                               "param": None, "code": "generation_failed"}}) + "\n\n"
+        yield "data: [DONE]\n\n"; return
+    if out := masker.feed("", final=True): yield sse_chunk(cid, created, model, {"content": out})
+    s.trace(trace_id, "chat.stream", model, t0, p, mask_pii(masker.raw)[0] if s.cfg.pii_mask else masker.raw, r, fallback=fb,
+            ttft_s=ttft)
+    yield sse_chunk(cid, created, model, {}, r.finish_reason)
+    if usage:                                            # OpenAI's stream_options.include_usage: a last chunk with the counts
+        ptok = r.prompt_tokens or p.prompt_tokens
+        yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [],
+                                     "usage": {"prompt_tokens": ptok, "completion_tokens": r.completion_tokens,
+                                               "total_tokens": ptok + r.completion_tokens}}) + "\n\n"
+    yield "data: [DONE]\n\n"
+
+def add_chat_route(app: FastAPI):
+    "`POST /v1/chat/completions`: OpenAI's chat completions, whole or streamed (`llmtwin-rag`: with retrieval)."
+    @app.post("/v1/chat/completions", openapi_extra=body_doc(ChatRequest))
+    async def chat_completions(request: Request):
+        s = serve_state(request); s.check_auth(request); t0 = time.perf_counter()
+        req = await parse_body(request, ChatRequest)
+        if req.model not in s.model_ids:
+            raise ApiError(404, f"model `{req.model}` is not served here; use one of {', '.join(s.model_ids)} (GET /v1/models)",
+                           param="model", code="model_not_found")
+        if req.n != 1: raise ApiError(400, "only n = 1 is supported: send n separate requests", param="n")
+        max_new = s.max_new(req.max_completion_tokens, req.max_tokens)
+        trace_id, created = uuid.uuid4().hex, int(time.time())
+        variant, key = s.assign(req.user, request, trace_id)
+        p = await asyncio.to_thread(s.prepare, [{"role": m.role, "content": m.text()} for m in req.messages], req.model.endswith("-rag"),
+                                    max_new, req.temperature, variant, key)
+        cid, headers = f"chatcmpl-{trace_id}", {"X-Trace-Id": trace_id, "X-Variant": variant.name}
+        if not req.stream:
+            r, text, fb = await run_request(s, p, trace_id, "chat", req.model, t0)
+            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": req.model,
+                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": r.finish_reason}],
+                                 "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                                           "total_tokens": r.prompt_tokens + r.completion_tokens},
+                                 "sources": [dataclasses.asdict(x) | {"citation": f"[{x.n}]"} for x in p.sources] or None},
+                                headers={**headers, **fallback_headers(fb)})
+        # a stream: the status line waits for the first piece, so an engine that fails before answering is an HTTP error
+        # with its status (or the fallback's answer); after that, pieces go out as the engine (or the upstream) makes them
+        fut, q, piece, fb = await answer_request(s, p, trace_id, "chat.stream", req.model, t0, stream=True)
+        ttft = time.perf_counter() - t0 if piece is not None else None
+        usage = bool((req.stream_options or {}).get("include_usage"))
+        events = chat_stream(s, p, req.model, cid, created, trace_id, t0, fut, q, piece, fb, ttft, usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers, **fallback_headers(fb)})
+
+
+# %% ../nbs/07_serving.ipynb #e08deb81
+def add_rag_routes(app: FastAPI):
+    "`POST /rag` (an answer with its numbered sources) and `POST /feedback` (a rating of a traced answer)."
+    @app.post("/rag", openapi_extra=body_doc(RagRequest))
+    async def rag_endpoint(request: Request):
+        s = serve_state(request); s.check_auth(request); t0 = time.perf_counter()
+        req = await parse_body(request, RagRequest)
+        if not req.question.strip(): raise ApiError(400, "`question` is empty: send the question to answer", param="question", code="empty_question")
+        max_new = s.max_new(req.max_tokens)
+        trace_id = uuid.uuid4().hex
+        variant, key = s.assign(req.user, request, trace_id)
+        p = await asyncio.to_thread(s.prepare_rag, req.question, req.k, max_new, req.temperature, variant, key)
+        r, text, fb = await run_request(s, p, trace_id, "rag", f"{s.cfg.served_name}-rag", t0)
+        cited = cited_numbers(text)
+        return JSONResponse({"answer": text, "fallback": fb, "trace_id": trace_id, "model": variant.model_ref, "variant": variant.name, "template_id": p.template_id,
+                             "sources": [{"citation": f"[{x.n}]", "cited": x.n in cited, "id": x.id, "doc_id": x.doc_id, "title": x.title,
+                                          "url": x.url, "score": round(x.score, 4), "text": x.text} for x in p.sources],
+                             "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
+                             "guardrails": p.flags, "latency_ms": round((time.perf_counter() - t0) * 1000, 1)},
+                            headers={"X-Trace-Id": trace_id, "X-Variant": variant.name, **fallback_headers(fb)})
+
+    @app.post("/feedback", openapi_extra=body_doc(FeedbackIn))
+    async def feedback(request: Request):
+        s = serve_state(request); s.check_auth(request)
+        fb = await parse_body(request, FeedbackIn)
+        rec = await asyncio.to_thread(s.store_feedback, fb)
+        return {"id": rec["id"], "trace_id": rec["trace_id"], "rating": rec["rating"], "variant": rec.get("variant"),
+                "pii_masked": rec["pii_masked"], "stored": True}
+
+
+# %% ../nbs/07_serving.ipynb #75693840
 def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "packaged:smollm2-135m-instruct",
                embedder: str = "packaged:minilm", device: str = "auto", dtype: str = "auto", seed: int = 42,
                root: str | Path | None = None, retriever: Retriever | None = None, model=None, tokenizer=None,
@@ -941,33 +593,11 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        t0, variants, fallback = time.time(), {}, None
-        loaded = dict(models or {})
+        t0, loaded = time.time(), dict(models or {})
         if model is not None: loaded[resolve_serve_model(cfg.model, models_llm, root)] = (model, tokenizer)
-        given, used = set(loaded), set()
-        ekw = dict(name=cfg.served_name, max_batch_size=cfg.max_batch_size, batch_wait_ms=cfg.batch_wait_ms, max_queue=cfg.max_queue, seed=seed,
-                   scheduler=cfg.scheduler)
+        variants, fallback = await start_engines(cfg, models_llm, root, device, dtype, seed, loaded)
+        started = [*variants.values(), *([fallback] if fallback else [])]
         try:
-            for name, vref in cfg.variant_refs().items():
-                if cfg.backend == "openai":
-                    ref = vref
-                    engine = BatchEngine(backend=OpenAIChatBackend(cfg.base_url, ref, timeout_s=cfg.upstream_timeout_s,
-                                                                   max_retries=cfg.upstream_max_retries, seed=seed), **ekw)
-                else:
-                    ref = resolve_serve_model(vref, models_llm, root)
-                    if ref not in loaded: loaded[ref] = await asyncio.to_thread(load_llm, ref, device, dtype)
-                    m, t = loaded[ref]
-                    if ref in used or ref in given: t = copy.deepcopy(t)     # one tokenizer per engine: each worker pads with its own
-                    used.add(ref)
-                    engine = BatchEngine(m, t, **ekw)
-                variants[name] = Variant(name, repo_relative(str(ref), root), engine.start())
-            if cfg.fallback_model:                                   # always a model in this process: it answers when the engine fails
-                ref = resolve_serve_model(cfg.fallback_model, models_llm, root)
-                if ref not in loaded: loaded[ref] = await asyncio.to_thread(load_llm, ref, device, dtype)
-                m, t = loaded[ref]
-                if ref in used or ref in given: t = copy.deepcopy(t)
-                used.add(ref)
-                fallback = Variant("fallback", repo_relative(ref, root), BatchEngine(m, t, **ekw).start())
             r, err = retriever, None
             if r is None:
                 try: r = load_retriever(root/cfg.index_path, embedder, cfg.collection, cfg.reranker, device, root, author)
@@ -975,197 +605,22 @@ def create_app(cfg: ServeParams | dict | None = None, *, models_llm: str = "pack
             trace_path = Path(cfg.trace_path) if Path(cfg.trace_path).is_absolute() else root/cfg.trace_path
             app.state.serve = ServeState(cfg, variants, r, Tracer(trace_path), prompts, index_error=err, author=author, fallback=fallback)
         except BaseException:
-            for v in [*variants.values(), *([fallback] if fallback else [])]: v.engine.stop()
+            for v in started: v.engine.stop()
             raise
         log.info("llmtwin serve ready in %.1fs: %s, retrieval %s", time.time() - t0,
                  ", ".join(f"{n}={v.model_ref}" for n, v in variants.items()), "on" if r else f"off ({err})")
         yield
-        for v in [*variants.values(), *([fallback] if fallback else [])]: v.engine.stop()
+        for v in started: v.engine.stop()
         if retriever is None and r is not None: r.close()
 
     app = FastAPI(title="llmtwin", description="The LLM Twin as an OpenAI-compatible service", lifespan=lifespan)
     app.add_middleware(BodyLimit, max_bytes=cfg.max_request_bytes)
-
-    def refused(request, status: int, code: str | None):
-        if (s := getattr(request.app.state, "serve", None)) is not None: s.metrics.refused(request.url.path, status, code)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request, exc: ApiError):
-        if not getattr(exc, "traced", False): refused(request, exc.status, exc.code)      # traced ones are counted with their trace
-        return exc.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request, exc: RequestValidationError):
-        msg, param = _explain_validation(exc.errors())
-        refused(request, 400, "invalid_request")
-        return ApiError(400, msg, param=param, code="invalid_request").response()
-
-    @app.exception_handler(Exception)
-    async def _crash(request, exc: Exception):
-        log.exception("unhandled error")
-        return ApiError(500, f"internal error: {type(exc).__name__}: {exc}; the server is still running, retry",
-                        type="server_error", code="internal_error").response()
-
-    def state(request: Request) -> ServeState: return request.app.state.serve
-
-    @app.get("/health")
-    async def health(request: Request):
-        s = state(request); e = s.engine; w = s.ab.split
-        return {"status": "ok", "model": s.model_ref, "served_as": s.model_ids, "backend": cfg.backend, "author": s.author,
-                "retrieval": s.retriever is not None, "index_error": s.index_error, "inflight": sum(x.inflight for x in s.engines.values()),
-                "max_queue": e.max_queue, "max_batch_size": e.max_batch_size, "batches": sum(x.stats["batches"] for x in s.engines.values()),
-                "requests": sum(x.stats["requests"] for x in s.engines.values()),
-                "failed_batches": sum(x.stats["failed_batches"] for x in s.engines.values()),
-                "rejected": sum(x.stats["rejected"] for x in s.engines.values()), "batch_sizes": dict(e.batch_sizes),
-                "variants": {n: {"model": v.model_ref, "weight": round(w[n], 4), "assigned": s.ab.served[n], "requests": v.engine.stats["requests"],
-                                 "batch_sizes": dict(v.engine.batch_sizes)} for n, v in s.variants.items()},
-                "fallback": s.fallback.model_ref if s.fallback else None, "variant_timeout_s": cfg.variant_timeout_s,
-                "rag_template": s.rag_template.template_id, "uptime_s": round(time.time() - s.started, 1)}
-
-    @app.get("/metrics")
-    async def metrics(request: Request):
-        "Prometheus text format (scrape it like any exporter)."
-        from prometheus_client import CONTENT_TYPE_LATEST
-        return Response(state(request).metrics.text(), media_type=CONTENT_TYPE_LATEST)
-
-    @app.get("/v1/models")
-    async def list_models(request: Request):
-        s = state(request); s.check_auth(request)
-        return {"object": "list", "data": [{"id": m, "object": "model", "created": int(s.started), "owned_by": "llmtwin_nb"} for m in s.model_ids]}
-
-    def failed(s: ServeState, p: Prepared, e: Exception, trace_id: str, endpoint: str, model: str, t0: float,
-               fb: dict | None = None) -> ApiError:
-        "Trace a request nobody could answer; the error to send: the upstream's status (openai backend), else 500."
-        status, code = (e.status, "upstream_error") if isinstance(e, UpstreamError) else (500, "generation_failed")
-        s.trace(trace_id, endpoint, model, t0, p, status=status, error=f"{type(e).__name__}: {e}", fallback=fb, code=code)
-        err = ApiError(status, f"generation failed ({type(e).__name__}: {e}){' and the fallback failed too' if fb else ''}; trace {trace_id}. "
-                       "The server is still up: retry", type="server_error" if status >= 500 else "invalid_request_error", code=code,
-                       headers={"X-Trace-Id": trace_id, "X-Variant": p.variant.name, **fb_headers(fb)})
-        err.traced = True
-        return err
-
-    def fb_headers(fb: dict | None) -> dict:
-        return {"X-Fallback": fb["model"], "X-Fallback-Reason": fb["reason"]} if fb else {}
-
-    async def first(fut: cf.Future, q: asyncio.Queue | None, timeout: float | None):
-        "Whole answer (q None), or a stream's first piece (None: it ended without one); raises the engine's error or TimeoutError."
-        if q is None:
-            af = asyncio.wrap_future(fut)
-            try: return await asyncio.wait_for(asyncio.shield(af), timeout)
-            except TimeoutError:                                 # abandoned: its late result or error is nobody's
-                af.add_done_callback(lambda f: f.cancelled() or f.exception()); raise
-        item = await asyncio.wait_for(q.get(), timeout)
-        if item is None: fut.result()                            # raises if it failed
-        return item
-
-    async def answer(s: ServeState, p: Prepared, trace_id: str, endpoint: str, model: str, t0: float, stream: bool):
-        """Start `p` on its variant; if that fails (or passes serve.variant_timeout_s) before the answer (a stream: its first
-        piece), on the fallback model. `(future, piece queue, first result, fallback info)`; `ApiError` if nobody answers."""
-        loop, fb = asyncio.get_running_loop(), None
-        for engine in (p.variant.engine, s.fallback.engine if s.fallback else None):
-            q = asyncio.Queue() if stream else None
-            put = (lambda q: lambda t: loop.call_soon_threadsafe(q.put_nowait, t))(q) if stream else None
-            fut = s.submit(p, put, engine)
-            if stream: fut.add_done_callback(lambda f, put=put: put(None))
-            timeout = cfg.variant_timeout_s if fb is None and s.fallback else None
-            try: return fut, q, await first(fut, q, timeout), fb
-            except Exception as e:
-                if fb is not None or s.fallback is None: raise failed(s, p, e, trace_id, endpoint, model, t0, fb) from None
-                fut.cancel()                                     # still queued: it never runs (a running one is left to finish)
-                reason = "timeout" if isinstance(e, TimeoutError) else "error"
-                why = f"no answer within {cfg.variant_timeout_s} s" if reason == "timeout" else f"{type(e).__name__}: {e}"
-                fb = dict(reason=reason, error=why, model=s.fallback.model_ref, variant_model=p.variant.model_ref)
-                log.warning("variant %s (%s): %s; the fallback %s answers", p.variant.name, p.variant.model_ref, why, s.fallback.model_ref)
-
-    async def run(s: ServeState, p: Prepared, trace_id: str, endpoint: str, model: str, t0: float) -> tuple[ChatResult, str, dict | None]:
-        _, _, r, fb = await answer(s, p, trace_id, endpoint, model, t0, stream=False)
-        text, pii_out = s.finish(r)
-        s.trace(trace_id, endpoint, model, t0, p, text, r, flags={"pii_masked_out": pii_out}, fallback=fb)
-        return r, text, fb
-
-    def body_doc(m): return {"requestBody": {"required": True, "content": {"application/json": {"schema": m.model_json_schema()}}}}
-
-    @app.post("/v1/chat/completions", openapi_extra=body_doc(ChatRequest))
-    async def chat_completions(request: Request):
-        s = state(request); s.check_auth(request); t0 = time.perf_counter()
-        req = await parse_body(request, ChatRequest)
-        if req.model not in s.model_ids:
-            raise ApiError(404, f"model `{req.model}` is not served here; use one of {', '.join(s.model_ids)} (GET /v1/models)",
-                           param="model", code="model_not_found")
-        if req.n != 1: raise ApiError(400, "only n = 1 is supported: send n separate requests", param="n")
-        max_new = s.max_new(req.max_completion_tokens, req.max_tokens)
-        trace_id, created = uuid.uuid4().hex, int(time.time())
-        variant, key = s.assign(req.user, request, trace_id)
-        p = await asyncio.to_thread(s.prepare, [{"role": m.role, "content": m.text()} for m in req.messages], req.model.endswith("-rag"),
-                                    max_new, req.temperature, variant, key)
-        cid, headers = f"chatcmpl-{trace_id}", {"X-Trace-Id": trace_id, "X-Variant": variant.name}
-        if not req.stream:
-            r, text, fb = await run(s, p, trace_id, "chat", req.model, t0)
-            return JSONResponse({"id": cid, "object": "chat.completion", "created": created, "model": req.model,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": r.finish_reason}],
-                                 "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
-                                           "total_tokens": r.prompt_tokens + r.completion_tokens},
-                                 "sources": [dataclasses.asdict(x) | {"citation": f"[{x.n}]"} for x in p.sources] or None},
-                                headers={**headers, **fb_headers(fb)})
-        # a stream: the status line waits for the first piece, so an engine that fails before answering is an HTTP error
-        # with its status (or the fallback's answer); after that, pieces go out as the engine (or the upstream) makes them
-        fut, q, piece, fb = await answer(s, p, trace_id, "chat.stream", req.model, t0, stream=True)
-        ttft = time.perf_counter() - t0 if piece is not None else None
-        usage = bool((req.stream_options or {}).get("include_usage"))
-        async def events():
-            nonlocal piece
-            masker = StreamMasker(cfg.pii_mask)
-            yield _chunk(cid, created, req.model, {"role": "assistant", "content": ""})
-            while piece is not None:
-                if out := masker.feed(piece): yield _chunk(cid, created, req.model, {"content": out})
-                piece = await q.get()
-            try: r = fut.result()
-            except Exception as e:                               # it broke after the first piece: the status line is sent
-                status = e.status if isinstance(e, UpstreamError) else 500
-                s.trace(trace_id, "chat.stream", req.model, t0, p, status=status, error=f"{type(e).__name__}: {e}", fallback=fb,
-                        ttft_s=ttft, code="stream_broken")
-                yield "data: " + json.dumps({"error": {"message": f"generation failed ({e}); trace {trace_id}", "type": "server_error",
-                                                       "param": None, "code": "generation_failed"}}) + "\n\n"
-                yield "data: [DONE]\n\n"; return
-            if out := masker.feed("", final=True): yield _chunk(cid, created, req.model, {"content": out})
-            s.trace(trace_id, "chat.stream", req.model, t0, p, mask_pii(masker.raw)[0] if cfg.pii_mask else masker.raw, r, fallback=fb,
-                    ttft_s=ttft)
-            yield _chunk(cid, created, req.model, {}, r.finish_reason)
-            if usage:                                            # OpenAI's stream_options.include_usage: a last chunk with the counts
-                ptok = r.prompt_tokens or p.prompt_tokens
-                yield "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created, "model": req.model, "choices": [],
-                                             "usage": {"prompt_tokens": ptok, "completion_tokens": r.completion_tokens,
-                                                       "total_tokens": ptok + r.completion_tokens}}) + "\n\n"
-            yield "data: [DONE]\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", **headers, **fb_headers(fb)})
-
-    @app.post("/rag", openapi_extra=body_doc(RagRequest))
-    async def rag_endpoint(request: Request):
-        s = state(request); s.check_auth(request); t0 = time.perf_counter()
-        req = await parse_body(request, RagRequest)
-        if not req.question.strip(): raise ApiError(400, "`question` is empty: send the question to answer", param="question", code="empty_question")
-        max_new = s.max_new(req.max_tokens)
-        trace_id = uuid.uuid4().hex
-        variant, key = s.assign(req.user, request, trace_id)
-        p = await asyncio.to_thread(s.prepare_rag, req.question, req.k, max_new, req.temperature, variant, key)
-        r, text, fb = await run(s, p, trace_id, "rag", f"{cfg.served_name}-rag", t0)
-        cited = cited_numbers(text)
-        return JSONResponse({"answer": text, "fallback": fb, "trace_id": trace_id, "model": variant.model_ref, "variant": variant.name, "template_id": p.template_id,
-                             "sources": [{"citation": f"[{x.n}]", "cited": x.n in cited, "id": x.id, "doc_id": x.doc_id, "title": x.title,
-                                          "url": x.url, "score": round(x.score, 4), "text": x.text} for x in p.sources],
-                             "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
-                             "guardrails": p.flags, "latency_ms": round((time.perf_counter() - t0) * 1000, 1)},
-                            headers={"X-Trace-Id": trace_id, "X-Variant": variant.name, **fb_headers(fb)})
-
-    @app.post("/feedback", openapi_extra=body_doc(FeedbackIn))
-    async def feedback(request: Request):
-        s = state(request); s.check_auth(request)
-        fb = await parse_body(request, FeedbackIn)
-        rec = await asyncio.to_thread(s.store_feedback, fb)
-        return {"id": rec["id"], "trace_id": rec["trace_id"], "rating": rec["rating"], "variant": rec.get("variant"),
-                "pii_masked": rec["pii_masked"], "stored": True}
-
+    add_error_handlers(app)
+    add_status_routes(app)
+    add_chat_route(app)
+    add_rag_routes(app)
     return app
+
 
 # %% ../nbs/07_serving.ipynb #fed0c4d2
 class ServerThread:
@@ -1216,85 +671,3 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__" and not hasattr(sys, "ps1") and "ipykernel" not in sys.modules:
     sys.exit(main())
-
-# %% ../nbs/07_serving.ipynb #c51a835a
-def poisson_arrivals(n: int, rate: float, seed: int = 0) -> list[float]:
-    "Send times (seconds from the start) of `n` requests arriving as a Poisson process of `rate` requests/s (seeded)."
-    rng, t, out = random.Random(seed), 0.0, []
-    for _ in range(n): out.append(round(t, 4)); t += rng.expovariate(rate)
-    return out
-
-def _pct(xs: list[float], q: float) -> float | None:
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(math.ceil(q * len(xs))) - 1)], 1) if xs else None
-
-async def _load(url: str, payloads: list[dict], concurrency: int, headers: dict | None = None, path: str = "/v1/chat/completions",
-                arrivals: list[float] | None = None, stream: bool = False) -> dict:
-    import httpx
-    sem, lat, ttft, errors, tokens = asyncio.Semaphore(concurrency), [], [], [], 0
-    async with httpx.AsyncClient(base_url=url, timeout=600, headers=headers or {},
-                                 limits=httpx.Limits(max_connections=concurrency)) as c:
-        async def send(body) -> tuple[int, float | None]:
-            "(completion tokens, when the status line came: a stream's is sent once the engine made its first piece)"
-            if not stream:
-                r = await c.post(path, json=body)
-                if r.status_code != 200: raise ValueError(f"{r.status_code}: {r.text[:200]}")
-                return r.json()["usage"]["completion_tokens"], None
-            n = None
-            async with c.stream("POST", path, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
-                first = time.perf_counter()
-                if r.status_code != 200: raise ValueError(f"{r.status_code}: {(await r.aread())[:200]!r}")
-                async for line in r.aiter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]": continue
-                    ev = json.loads(line[6:])
-                    if "error" in ev: raise ValueError(ev["error"]["message"])
-                    if ev.get("usage"): n = ev["usage"]["completion_tokens"]
-            return n, first
-        async def one(i, body):
-            nonlocal tokens
-            if arrivals is not None: await asyncio.sleep(max(0.0, start + arrivals[i] - time.perf_counter()))
-            async with sem:
-                t0 = time.perf_counter()
-                try:
-                    n, first = await send(body)
-                    tokens += n; lat.append((time.perf_counter() - t0) * 1000)
-                    if first is not None: ttft.append((first - t0) * 1000)
-                except (httpx.HTTPError, ValueError) as e: errors.append(f"{type(e).__name__}: {e}")
-        start = time.perf_counter()
-        await asyncio.gather(*(one(i, b) for i, b in enumerate(payloads)))
-        wall = time.perf_counter() - start
-    return dict(requests=len(payloads), errors=len(errors), error_samples=errors[:3], concurrency=concurrency, wall_s=round(wall, 2),
-                p50_ms=_pct(lat, 0.5), p95_ms=_pct(lat, 0.95), requests_per_s=round(len(lat) / wall, 3), tokens_per_s=round(tokens / wall, 2),
-                completion_tokens=tokens, **(dict(ttft_ms_p50=_pct(ttft, 0.5), ttft_ms_p95=_pct(ttft, 0.95)) if stream else {}))
-
-def load_test(url: str, payloads: list[dict], concurrency: int = 8, headers: dict | None = None, path: str = "/v1/chat/completions",
-              arrivals: list[float] | None = None, stream: bool = False) -> dict:
-    """Send `payloads` with `concurrency` requests in flight (each at its `arrivals` time, seconds from the start, if given;
-    `stream`: as SSE streams, timing the first token too); latency percentiles, throughput, errors."""
-    run = lambda: asyncio.run(_load(url, payloads, concurrency, headers, path, arrivals, stream))
-    try: asyncio.get_running_loop()
-    except RuntimeError: return run()
-    with cf.ThreadPoolExecutor(1) as ex: return ex.submit(run).result()     # inside Jupyter's event loop
-
-# %% ../nbs/07_serving.ipynb #ceaa9256
-def compare_schedulers(url: str, engine: BatchEngine, payloads: list[dict], rates: list[float], seed: int = 0,
-                       schedulers=("static", "continuous"), saturated: float = 0.8) -> dict:
-    """Static vs continuous batching on the same server under the same Poisson arrivals (one seeded schedule per rate),
-    streamed so that the time to first token is measured. Static *saturates* at the lowest rate where it completes under
-    `saturated` x the offered rate (else the highest rate); the headline numbers are taken there."""
-    table, keep = [], engine.scheduler
-    try:
-        for rate in rates:
-            arrivals = poisson_arrivals(len(payloads), rate, seed)
-            for s in schedulers:
-                engine.use(s)
-                r = load_test(url, payloads, len(payloads), arrivals=arrivals, stream=True)
-                table.append(dict(rate=rate, scheduler=s, **{k: r[k] for k in ("requests", "errors", "requests_per_s", "tokens_per_s",
-                                  "ttft_ms_p50", "ttft_ms_p95", "p50_ms", "p95_ms", "completion_tokens", "wall_s")}))
-    finally: engine.use(keep)
-    row = {(t["rate"], t["scheduler"]): t for t in table}
-    sat = next((x for x in rates if row[(x, "static")]["requests_per_s"] < saturated * x), rates[-1])
-    st, co = row[(sat, "static")], row[(sat, "continuous")]
-    return dict(saturation_rate=sat, continuous_vs_static_throughput=round(co["tokens_per_s"] / st["tokens_per_s"], 2),
-                ttft_ms_p50=co["ttft_ms_p50"], ttft_ms_p95=co["ttft_ms_p95"], static_ttft_ms_p50=st["ttft_ms_p50"],
-                static_ttft_ms_p95=st["ttft_ms_p95"], schedulers_table=table)

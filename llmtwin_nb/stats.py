@@ -40,7 +40,7 @@ def cluster_means(scores, groups, B: int, rng) -> np.ndarray:
     idx = rng.integers(0, len(sums), size=(B, len(sums)))
     return sums[idx].sum(1) / counts[idx].sum(1)
 
-# %% ../nbs/00b_stats.ipynb #c60e8f21
+# %% ../nbs/00b_stats.ipynb #b73182f0
 def cluster_mean_diff_ci(a, b, groups, **kw) -> dict:
     """Paired bootstrap CI of mean(a) - mean(b), resampling whole groups (documents) of items; `n` counts groups and the
     mean is over items (a group weighs as many items as it holds)."""

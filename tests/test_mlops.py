@@ -12,7 +12,9 @@ import pytest, yaml
 from llmtwin_nb.sft import append_feedback_sft
 from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, OFF_TOPIC_QUESTIONS, build_feedback_data, cost_per_variant, drift_check,
                               feedback_to_data, run_simulation, sim_requests, topic_questions, training_reference)
-from llmtwin_nb.serve import ABRouter, FeedbackLog, PromptRegistry, assign_variant, parse_weights, read_traces
+from llmtwin_nb.prompts import PromptRegistry
+from llmtwin_nb.routing import ABRouter, assign_variant, parse_weights
+from llmtwin_nb.traces import FeedbackLog, read_traces
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD = "x" * 6000          # records larger than PIPE_BUF (4096): without the lock and one write they could interleave
@@ -21,7 +23,7 @@ PAD = "x" * 6000          # records larger than PIPE_BUF (4096): without the loc
 def _writer_script(path, tag, threads, n):
     return textwrap.dedent(f"""
         import threading
-        from llmtwin_nb.serve import FeedbackLog
+        from llmtwin_nb.traces import FeedbackLog
         log = FeedbackLog({str(path)!r})
         def w(t):
             for j in range({n}): log.append({{"tag": {tag!r}, "t": t, "j": j, "pad": {PAD!r}}})
@@ -71,7 +73,7 @@ def test_ab_split_holds_its_ratio_and_is_stable_across_processes():
         obs = ABRouter({k: k for k in w}, spec, "salt-1").observed_split(keys)
         for k in w: assert abs(obs[k] - w[k]) < 0.03, (spec, obs)
     here = [assign_variant(k, "a=0.7,b=0.3", "salt-1") for k in keys[:300]]
-    code = ("import json; from llmtwin_nb.serve import assign_variant; "
+    code = ("import json; from llmtwin_nb.routing import assign_variant; "
             f"print(json.dumps([assign_variant(f'user-{{i}}', 'b=0.3,a=0.7', 'salt-1') for i in range(300)]))")
     other = json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True,
                                       env={**os.environ, "PYTHONHASHSEED": "123"}).stdout)
@@ -159,7 +161,7 @@ def test_the_loop_served_traffic_becomes_training_rows(tmp_path):
     from transformers import AutoTokenizer
     from llmtwin_nb.core import load_embedder, resolve_model, section_params
     from llmtwin_nb.dpo import check_pairs, load_feedback_pairs
-    from llmtwin_nb.serve import EmbeddingRetriever
+    from llmtwin_nb.sources import EmbeddingRetriever
     docs = [SimpleNamespace(id=f"{i:016x}", title=t, kind=k, platform="linkedin" if k == "post" else "medium", content=c, split="train",
                             author="Ilse Marchetti") for i, (t, k, c) in enumerate(DOC_TEXTS)]
     emb = load_embedder("packaged:minilm", "cpu")

@@ -8,8 +8,14 @@ from pathlib import Path
 import httpx, openai, pytest
 
 from llmtwin_nb.core import ChatResult, ParamsError, load_embedder, load_llm, section_params
-from llmtwin_nb.serve import (BatchEngine, FeedbackLog, PromptRegistry, ServerThread, StreamMasker, Tracer, assign_variant, cited_numbers,
-                              create_app, find_injection, invalid_text, load_retriever, load_test, reader_questions)
+from llmtwin_nb.api import StreamMasker, invalid_text
+from llmtwin_nb.engine import BatchEngine
+from llmtwin_nb.loadtest import load_test
+from llmtwin_nb.prompts import PromptRegistry, cited_numbers, find_injection
+from llmtwin_nb.routing import assign_variant
+from llmtwin_nb.serve import ServerThread, create_app
+from llmtwin_nb.sources import load_retriever, reader_questions
+from llmtwin_nb.traces import FeedbackLog, Tracer
 
 ROOT = Path(__file__).resolve().parents[1]
 RAG_TEMPLATE_ID = PromptRegistry(ROOT/"prompts").get("rag_answer").template_id
@@ -280,7 +286,7 @@ def test_a_busy_index_is_served_from_a_snapshot(served):
 
 
 def test_trace_log_is_append_safe_across_processes(tmp_path):
-    code = ("import sys; from llmtwin_nb.serve import Tracer; t = Tracer(sys.argv[1]); "
+    code = ("import sys; from llmtwin_nb.traces import Tracer; t = Tracer(sys.argv[1]); "
             "[t.write({'p': int(sys.argv[2]), 'i': i, 'pad': 'x' * 9000}) for i in range(100)]")
     procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path/"t.jsonl"), str(p)]) for p in range(3)]
     assert all(p.wait(60) == 0 for p in procs)

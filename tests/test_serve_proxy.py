@@ -8,7 +8,8 @@ from pathlib import Path
 import httpx, openai, pytest
 
 from llmtwin_nb.core import OpenAIChatBackend, UpstreamError, load_llm, section_params
-from llmtwin_nb.serve import ServerThread, Tracer, create_app
+from llmtwin_nb.serve import ServerThread, create_app
+from llmtwin_nb.traces import Tracer
 
 ROOT = Path(__file__).resolve().parents[1]
 PIECES = [f"piece {i} of the slow answer; " for i in range(8)]      # 8 x 29 characters
