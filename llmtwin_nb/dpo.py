@@ -15,9 +15,9 @@ from .core import (Section, register_params, section_params, ParamsError, get_pa
                              seed_everything, pick_device, pick_dtype, load_llm, resolve_model, model_fingerprint,
                              LocalChatBackend, OpenAIChatBackend, CachedBackend, ResponseCache, ChatResult, cache_dir,
                              check_messages, read_jsonl)
-from .sft import (load_evalsets, Decontaminator, near_duplicates, last_checkpoint, check_checkpoint,
-                            CheckpointMismatch, CONFIG_FILE, peak_memory_mb, process_rank, is_main_process, local_device,
-                            ddp_args, save_adapter)
+from .instruct import load_evalsets, Decontaminator, near_duplicates
+from .sft import (last_checkpoint, check_checkpoint, CheckpointMismatch, CONFIG_FILE, peak_memory_mb, process_rank,
+                            is_main_process, local_device, ddp_args, save_adapter, cli_params)
 
 # %% auto #0
 __all__ = ['JUDGE_PROMPT', 'DATASET_CARD', 'TRAIN_KEYS', 'CURVE_KEYS', 'DpoParams', 'resolve_ref', 'trim_dangling',
@@ -520,18 +520,13 @@ def write_curves(rows: list[dict], path: str | Path) -> Path:
 def main(argv=None):
     """Train DPO from a saved preference dataset and the SFT model, then merge the adapter (main process only).
     Runs as `python -m llmtwin_nb.dpo` or under `accelerate launch [--config_file ...] -m llmtwin_nb.dpo`."""
-    import argparse
     from datasets import load_from_disk
-    from llmtwin_nb.core import load_params, add_params_args
-    ap = add_params_args(argparse.ArgumentParser(prog="python -m llmtwin_nb.dpo", description=main.__doc__), "dpo.beta=0.2")
-    ap.add_argument("--pairs", help="preference dataset folder (save_to_disk with train/test; default: artifacts/preference)")
-    ap.add_argument("--model", help="start model reference (default: dpo.sft_model)")
-    ap.add_argument("--out", help="output folder for adapter/ and merged/ (default: models/dpo)")
-    ap.add_argument("--checkpoint-dir", help="checkpoint folder (default: models/dpo-checkpoints)")
-    ap.add_argument("--max-steps", type=int, default=-1, help="stop after this many optimiser steps (-1: dpo.epochs)")
-    ap.add_argument("--metrics", help="also write the run's metrics and curves to this JSON file (main process)")
-    a = ap.parse_args(argv)
-    p = load_params(a.params, a.set); P = get_paths()
+    a, p, P = cli_params(argv, "python -m llmtwin_nb.dpo", main.__doc__, "dpo.beta=0.2", {
+        "--pairs": dict(help="preference dataset folder (save_to_disk with train/test; default: artifacts/preference)"),
+        "--model": dict(help="start model reference (default: dpo.sft_model)"),
+        "--max-steps": dict(type=int, default=-1, help="stop after this many optimiser steps (-1: dpo.epochs)")},
+        out="output folder for adapter/ and merged/ (default: models/dpo)", checkpoint_dir="checkpoint folder (default: models/dpo-checkpoints)",
+        metrics="also write the run's metrics and curves to this JSON file (main process)")
     cfg = section_params("dpo", p["dpo"]); core = p["core"]
     pairs_dir = Path(a.pairs) if a.pairs else P.artifacts/"preference"
     if not pairs_dir.exists(): raise FileNotFoundError(f"preference dataset {pairs_dir} not found: run the DPO stage first (`dvc repro dpo`) or pass --pairs")

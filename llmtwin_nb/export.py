@@ -14,7 +14,7 @@ from pydantic import Field
 
 from .core import (Section, register_params, section_params, load_params, get_paths, write_json, hardware_info,
                              seed_everything, resolve_model, cache_dir)
-from .sft import SYSTEM_PROMPT
+from .instruct import SYSTEM_PROMPT
 
 # %% auto #0
 __all__ = ['GGML_TYPE', 'FILE_TYPE', 'CHKTXT', 'PRE_TOKENIZERS', 'TOLERANCE', 'CHECK_QUESTIONS', 'ROLES', 'GO_RENDER',

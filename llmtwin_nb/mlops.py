@@ -70,7 +70,7 @@ class MlopsParams(Section):
         return self
 
 # %% ../nbs/08_mlops.ipynb #25c22b64
-from .sft import Decontaminator, SYSTEM_PROMPT, near_duplicates
+from .instruct import Decontaminator, SYSTEM_PROMPT, near_duplicates
 
 def variant_of(trace: dict, served_names: dict[str, str] | None = None) -> str | None:
     "The variant that served a trace: its `variant` field, else looked up from the served model name."
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     "`python -m llmtwin_nb.mlops feedback [--params params.yaml] [-S mlops.key=value]`: the feedback stage."
     from llmtwin_nb.core import Paths, add_params_args, raw_params
     from llmtwin_nb.data import load_documents
-    from llmtwin_nb.sft import load_evalsets
+    from llmtwin_nb.instruct import load_evalsets
     ap = argparse.ArgumentParser(prog="python -m llmtwin_nb.mlops", description=main.__doc__)
     ap.add_argument("command", choices=["feedback"]); add_params_args(ap, "mlops.chosen_min_rating=5")
     a = ap.parse_args(argv)
@@ -318,7 +318,7 @@ def drift_check(recent_vecs, reference_vecs, max_score: float = 0.55, max_p: flo
 # %% ../nbs/08_mlops.ipynb #511a7082
 def training_reference(docs, min_chars: int = 250, max_chars: int = 800) -> list[str]:
     "The training distribution's texts: one instruction per train-document extract (the SFT chapter's template) and each title."
-    from llmtwin_nb.sft import split_extracts, template_instruction
+    from llmtwin_nb.instruct import split_extracts, template_instruction
     out = []
     for d in docs:
         if getattr(d, "split", "train") != "train": continue
@@ -349,7 +349,7 @@ OFF_TOPIC_QUESTIONS = ["What is a good recipe for banana bread?", "Who won the f
 def sim_requests(docs, evalsets: dict, n: int, *, rag_fraction: float = 0.5, eval_fraction: float = 0.05, offtopic_fraction: float = 0.4,
                  recent: int = 80, seed: int = 42, pool_size: int = 60) -> list[dict]:
     "The simulated workload: `n` requests `{i, user, endpoint, question, ideal, kind}` about `docs` (the twin's; deterministic for a seed)."
-    from llmtwin_nb.sft import split_extracts, template_instruction
+    from llmtwin_nb.instruct import split_extracts, template_instruction
     rng = random.Random(seed)
     pool = [(d, e) for d in docs if getattr(d, "split", "train") == "train" for e in split_extracts(d.content or "", 250, 800)]
     rng.shuffle(pool); pool = pool[:pool_size]          # a limited pool: popular questions get asked more than once

@@ -31,8 +31,8 @@ log = logging.getLogger("llmtwin_nb.serve")
 # %% auto #0
 __all__ = ['log', 'TRAINED_MODELS', 'ServeParams', 'resolve_serve_model', 'repo_relative', 'Variant', 'Prepared', 'ServeState',
            'fallback_headers', 'first_piece', 'request_failed', 'answer_request', 'run_request', 'start_engines',
-           'serve_state', 'body_doc', 'add_error_handlers', 'add_status_routes', 'chat_stream', 'add_chat_route',
-           'add_rag_routes', 'create_app', 'ServerThread', 'main']
+           'serve_state', 'open_request', 'body_doc', 'add_error_handlers', 'add_status_routes', 'chat_stream',
+           'add_chat_route', 'add_rag_routes', 'create_app', 'ServerThread', 'main']
 
 # %% ../nbs/07_serving.ipynb #405b664f
 @register_params("serve")
@@ -428,6 +428,11 @@ async def start_engines(cfg: ServeParams, models_llm: str, root: Path, device: s
 # %% ../nbs/07_serving.ipynb #4877d4ce
 def serve_state(request: Request) -> ServeState: return request.app.state.serve
 
+async def open_request(request: Request, schema):
+    "The app's state after the auth check, the request's body parsed against `schema`, and the start time."
+    s = serve_state(request); s.check_auth(request); t0 = time.perf_counter()
+    return s, await parse_body(request, schema), t0
+
 def body_doc(m: type[BaseModel]) -> dict:
     "OpenAPI docs for a body the handler parses itself (`parse_body`): its JSON schema."
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": m.model_json_schema()}}}}
@@ -514,8 +519,7 @@ def add_chat_route(app: FastAPI):
     "`POST /v1/chat/completions`: OpenAI's chat completions, whole or streamed (`llmtwin-rag`: with retrieval)."
     @app.post("/v1/chat/completions", openapi_extra=body_doc(ChatRequest))
     async def chat_completions(request: Request):
-        s = serve_state(request); s.check_auth(request); t0 = time.perf_counter()
-        req = await parse_body(request, ChatRequest)
+        s, req, t0 = await open_request(request, ChatRequest)
         if req.model not in s.model_ids:
             raise ApiError(404, f"model `{req.model}` is not served here; use one of {', '.join(s.model_ids)} (GET /v1/models)",
                            param="model", code="model_not_found")
@@ -548,8 +552,7 @@ def add_rag_routes(app: FastAPI):
     "`POST /rag` (an answer with its numbered sources) and `POST /feedback` (a rating of a traced answer)."
     @app.post("/rag", openapi_extra=body_doc(RagRequest))
     async def rag_endpoint(request: Request):
-        s = serve_state(request); s.check_auth(request); t0 = time.perf_counter()
-        req = await parse_body(request, RagRequest)
+        s, req, t0 = await open_request(request, RagRequest)
         if not req.question.strip(): raise ApiError(400, "`question` is empty: send the question to answer", param="question", code="empty_question")
         max_new = s.max_new(req.max_tokens)
         trace_id = uuid.uuid4().hex

@@ -5,34 +5,27 @@
 # %% ../nbs/03_sft.ipynb #ddfa2e30
 from __future__ import annotations
 
-import contextlib, copy, hashlib, json, math, os, random, re, resource, shutil, time
-from collections import Counter
+import copy, hashlib, json, os, resource, shutil, time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import Field, field_validator
 
-from .core import (ParamsError, Section, register_params, section_params, get_paths, write_json, hardware_info,
-                             seed_everything, pick_device, pick_dtype, load_llm, resolve_model, make_backend, cache_dir, read_jsonl)
+from .core import (ParamsError, Section, register_params, section_params, load_params, add_params_args, get_paths,
+                             write_json, seed_everything, pick_device, pick_dtype, load_llm, resolve_model)
+from .instruct import SYSTEM_PROMPT, example_tokens, dataset_version
 
 # %% auto #0
-__all__ = ['SYSTEM_PROMPT', 'STOPWORDS', 'MAX_CODE_RATIO', 'SHOTS', 'BT_SYSTEM', 'WEAK_WORDS', 'PLATFORM_NAMES', 'TRAIN_KEYS',
-           'CONFIG_FILE', 'SftParams', 'split_extracts', 'language_stats', 'boilerplate_paragraphs', 'shingles',
-           'near_duplicates', 'load_evalsets', 'ngrams', 'Decontaminator', 'backtranslate_messages',
-           'validate_instruction', 'key_phrase', 'template_instruction', 'continuation_cue', 'outline_points',
-           'style_instruction', 'draw_task', 'book_messages', 'parse_pairs', 'chat_example', 'example_tokens',
-           'build_instruct_dataset', 'load_mix_rows', 'dataset_version', 'write_dataset_card', 'save_instruct_dataset',
-           'append_feedback_sft', 'CheckpointMismatch', 'train_config', 'last_checkpoint', 'check_checkpoint',
+__all__ = ['TRAIN_KEYS', 'CONFIG_FILE', 'SftParams', 'CheckpointMismatch', 'train_config', 'last_checkpoint', 'check_checkpoint',
            'peak_memory_mb', 'process_rank', 'is_main_process', 'local_device', 'ddp_args', 'save_adapter', 'train_sft',
-           'save_sft_outputs', 'curves', 'main']
+           'save_sft_outputs', 'curves', 'cli_params', 'main']
 
 # %% ../nbs/03_sft.ipynb #360eaf69
-SYSTEM_PROMPT = "You are {author}. Write in your own voice."   # the twin's system prompt (training and inference)
-
 @register_params("sft")
 class SftParams(Section):
     generation: Literal["backtranslate", "book"] = Field("backtranslate", description="backtranslate: one instruction per extract (any LLM); book: several pairs per extract, answers rewritten (strong endpoint)")
-    kinds: str = Field("article,post,repository", pattern=r"^(article|post|repository)(,(article|post|repository))*$")
+    kinds: list[Literal["article", "post", "repository"]] = Field(default_factory=lambda: ["article", "post", "repository"], min_length=1,
+                                                                  description="document kinds that feed the dataset")
     extract_min_chars: int = Field(250, ge=50)
     extract_max_chars: int = Field(800, ge=100)
     min_ascii_ratio: float = Field(0.9, ge=0, le=1)
@@ -71,7 +64,11 @@ class SftParams(Section):
     checkpoint_dir: str = Field("models/sft-checkpoints", min_length=1)
     task_mix: dict[str, float] = Field(default_factory=lambda: {"section": 2.0, "continuation": 1.0, "outline": 1.0},
                                        description="relative weights of the style tasks drawn for train extracts without an LLM instruction "
-                                                   "(section | continuation | outline); test extracts always get `section`")
+                                                   "(section | continuation | outline); test extracts: test_tasks")
+    test_tasks: list[Literal["section", "continuation", "outline"]] = Field(
+        default_factory=lambda: ["section", "continuation"], min_length=1,
+        description="every test extract is asked once per task (section: its LLM instruction or section/opening task; a first extract "
+                    "gets no continuation); a task's row that is too long or repeats an instruction is dropped, not replaced")
     llm_cache: str = Field("artifacts/llm_cache/sft", min_length=1, description="LLM response cache of this stage (a persisted DVC output: pulled with the dataset, a rerun replays the same instructions)")
     keep_checkpoints: bool = False
 
@@ -83,454 +80,18 @@ class SftParams(Section):
         if any(w < 0 for w in v.values()) or not sum(v.values()): raise ValueError("weights must be >= 0 and not all 0")
         return v
 
+    @field_validator("test_tasks")
+    @classmethod
+    def _once_each(cls, v):
+        if len(set(v)) < len(v): raise ValueError(f"each test task once: {v}")
+        return v
+
     @field_validator("extract_max_chars")
     @classmethod
     def _max_over_min(cls, v, info):
         lo = info.data.get("extract_min_chars")
         if lo is not None and v <= lo: raise ValueError(f"must be larger than extract_min_chars ({lo})")
         return v
-
-# %% ../nbs/03_sft.ipynb #8731a94c
-def _get(doc, k, default=None):
-    "A field of a warehouse `Document` (pydantic) or of a plain dict/row."
-    return doc.get(k, default) if isinstance(doc, dict) else getattr(doc, k, default)
-
-def _sentences(p: str) -> list[str]:
-    return [s for s in re.split(r"(?<=[.!?;:])\s+(?=[A-Z0-9\"'“(])", p) if s.strip()]
-
-def split_extracts(content: str, min_chars: int = 250, max_chars: int = 800) -> list[str]:
-    "Cut `content` into paragraph-aligned extracts of at most `max_chars` (at least `min_chars`, except a lone short doc)."
-    paras = []
-    for p in re.split(r"\n\s*\n", content or ""):
-        p = p.strip()
-        if not p: continue
-        if len(p) <= max_chars: paras.append(p); continue
-        if p.startswith("```"):                      # code blocks: cut on lines, keep them fenced
-            lines, buf = p.strip("`").split("\n"), []
-            for ln in lines:
-                if buf and len("\n".join(buf + [ln])) + 8 > max_chars: paras.append("```\n" + "\n".join(buf) + "\n```"); buf = []
-                buf.append(ln[:max_chars - 8])
-            if buf: paras.append("```\n" + "\n".join(buf) + "\n```")
-            continue
-        buf = ""
-        for s in _sentences(p):
-            s = s[:max_chars]
-            if buf and len(buf) + 1 + len(s) > max_chars: paras.append(buf); buf = s
-            else: buf = f"{buf} {s}".strip()
-        if buf: paras.append(buf)
-    out, cur = [], ""
-    for p in paras:
-        if cur and len(cur) + 2 + len(p) > max_chars:
-            out.append(cur); cur = p
-        else: cur = f"{cur}\n\n{p}" if cur else p
-    if cur:
-        if out and len(cur) < min_chars and len(out[-1]) + 2 + len(cur) <= max_chars: out[-1] += "\n\n" + cur
-        else: out.append(cur)
-    return [e for e in out if len(e) >= min_chars] or ([out[0]] if len(out) == 1 else [])
-
-# %% ../nbs/03_sft.ipynb #73781acd
-STOPWORDS = frozenset("""a about after all also an and any are as at be because been but by can could did do does
-for from had has have he her here his how i if in into is it its just like me more most my no not now of on one or
-our out so some than that the their them then there these they this to too up us was we were what when where which
-who why will with would you your""".split())
-
-def language_stats(text: str) -> dict:
-    "ASCII-letter ratio among letters and English-stopword ratio among words."
-    letters = [c for c in text if c.isalpha()]
-    words = re.findall(r"[A-Za-z']+", text.lower())
-    code = sum(len(m) for m in re.findall(r"```.*?(?:```|$)", text, flags=re.S))
-    return dict(ascii_ratio=sum(c.isascii() for c in letters) / max(len(letters), 1),
-                stopword_ratio=sum(w in STOPWORDS for w in words) / max(len(words), 1),
-                code_ratio=code / max(len(text), 1))
-
-MAX_CODE_RATIO = 0.5   # an extract that is mostly a fenced code block is code, whatever its stopwords ("if", "in", "for")
-
-def boilerplate_paragraphs(docs, min_docs: int = 3) -> set[str]:
-    "Paragraphs (normalised) present in at least `min_docs` distinct documents."
-    seen = Counter()
-    for d in docs:
-        seen.update({_norm(p) for p in re.split(r"\n\s*\n", _get(d, "content") or "") if p.strip()})
-    return {p for p, n in seen.items() if n >= min_docs}
-
-def _norm(s: str) -> str: return " ".join(re.findall(r"\w+", s.lower()))
-
-def shingles(text: str, n: int = 5) -> set:
-    w = _norm(text).split()
-    return {tuple(w[i:i + n]) for i in range(max(len(w) - n + 1, 1))}
-
-def near_duplicates(texts: list[str], threshold: float = 0.8, n: int = 5) -> list[int]:
-    "Indices of texts whose shingle Jaccard with an earlier kept text is >= `threshold`."
-    kept, drop = [], []
-    for i, t in enumerate(texts):
-        s = shingles(t, n)
-        if any(len(s & k) / max(len(s | k), 1) >= threshold for k in kept): drop.append(i)
-        else: kept.append(s)
-    return drop
-
-# %% ../nbs/03_sft.ipynb #ad58f92e
-def load_evalsets(folder: str | Path) -> dict[str, list[dict]]:
-    "Every `*.jsonl` evaluation set in `folder` (`{name: rows}`); a malformed row is an error naming file and line."
-    out = {}
-    for f in sorted(Path(folder).glob("*.jsonl")) if Path(folder).is_dir() else []:
-        rows = read_jsonl(f, "one evaluation item per line (id, text, doc_ids)")
-        for i, r in enumerate(rows, 1):
-            if not isinstance(r, dict) or not isinstance(r.get("text"), str):
-                raise ValueError(f"{f}: item {i} has no string `text` field (evalset contract: id, text, doc_ids)")
-        out[f.stem] = rows
-    return out
-
-def ngrams(text: str, n: int) -> set:
-    w = _norm(text).split()
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
-
-class Decontaminator:
-    "Flags texts sharing any word n-gram with an evaluation item; remembers which set and item matched."
-    def __init__(self, evalsets: dict[str, list[dict]], n: int = 8):
-        self.n, self.index = n, {}
-        for name, rows in evalsets.items():
-            for r in rows:
-                for g in ngrams(r["text"], n): self.index.setdefault(g, (name, r.get("id")))
-    def match(self, text: str):
-        "`(evalset, item id)` of the first overlapping item, or None."
-        return next((self.index[g] for g in ngrams(text, self.n) if g in self.index), None)
-
-# %% ../nbs/03_sft.ipynb #ed605ef7
-SHOTS = [
-    ("Our nightly backup job had failed silently for three weeks before anyone noticed. The fix was not clever: we added an "
-     "alert when the backup file is older than 26 hours, and a monthly restore drill. The drill found two more problems in its first run.",
-     "Write a paragraph about how a silently failing backup job was caught, and the alert and drill that fixed it."),
-    ("I bake bread every Sunday. The dough rises slowly in a cold kitchen, so I start at seven and bake at noon. A warmer spot "
-     "near the oven halves the time, but the crust is never as good.",
-     "Write a short personal paragraph about your Sunday bread routine and why a slow rise gives a better crust."),
-]
-BT_SYSTEM = "You read a text and write the instruction that asked for it. Reply with one sentence starting with 'Write'."
-
-def backtranslate_messages(extract: str) -> list[dict]:
-    "Chat messages asking for the instruction `extract` answers (few-shot, as earlier turns)."
-    m = [{"role": "system", "content": BT_SYSTEM}]
-    for t, i in SHOTS: m += [{"role": "user", "content": f"Text:\n{t}\n\nInstruction:"}, {"role": "assistant", "content": i}]
-    return m + [{"role": "user", "content": f"Text:\n{extract}\n\nInstruction:"}]
-
-_VERBS = ("write", "explain", "describe", "draft", "tell", "summarise", "summarize", "share", "give", "create", "compose", "argue", "list", "outline")
-
-def _content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z][a-z0-9\-]{3,}", text.lower()) if w not in STOPWORDS}
-
-def validate_instruction(text: str, extract: str, finish_reason: str = "stop") -> tuple[str | None, str]:
-    "`(cleaned instruction, 'ok')` or `(None, reason)`: one grounded instruction sentence, not a copy."
-    t = (text or "").strip().strip('"“”').split("\n")[0].strip()
-    t = re.sub(r"^(instruction|request)\s*:\s*", "", t, flags=re.I).strip('"“” ')
-    if not t: return None, "empty"
-    if finish_reason == "length" and not t.endswith((".", "?")): return None, "cut off"
-    n = len(t.split())
-    if n < 6: return None, "too short"
-    if n > 45: return None, "too long"
-    if not t.lower().startswith(_VERBS) and not t.endswith("?"): return None, "not an instruction"
-    if ngrams(t, 8) & ngrams(extract, 8): return None, "copies the extract"
-    if any(ngrams(t, 5) & ngrams(s[0] + " " + s[1], 5) for s in SHOTS): return None, "copies the few-shot example"
-    if len(_content_words(t) & _content_words(extract)) < 2: return None, "not grounded in the extract"
-    return (t if t.endswith((".", "?")) else t + "."), "ok"
-
-WEAK_WORDS = frozenset("""also back been best better come could does done each even every first gets going good great here
-just know last less like made make many more most much must need never next only other over part really said same says shows
-since some start started still such take than that them then there these they thing things think this those three time took
-two used very want well went were what when where which while will with without work would year years""".split())
-
-def key_phrase(extract: str, k: int = 3) -> str:
-    "The extract's `k` most telling words: frequent, long, capitalised mid-sentence (names), never filler; deterministic."
-    words = re.findall(r"(?<![\w`])([A-Za-z][A-Za-z0-9\-]{3,})", extract)
-    score, first = Counter(), {}
-    for i, w in enumerate(words):
-        lw = w.lower()
-        if lw in STOPWORDS or lw in WEAK_WORDS or (lw.endswith(("ed", "ing", "ly")) and not w[0].isupper()): continue   # topics are nouns
-        first.setdefault(lw, (i, w))
-        score[lw] += min(len(w) / 6, 1.5) * (1.5 if w[0].isupper() and i > 0 else 1.0)
-    top = sorted(score, key=lambda w: (-score[w], first[w][0]))[:k]
-    names = [first[w][1] for w in top]
-    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else (names[0] if names else "this topic")
-
-PLATFORM_NAMES = {"linkedin": "LinkedIn", "medium": "Medium", "substack": "Substack", "github": "GitHub"}
-
-def template_instruction(doc, extract: str) -> str:
-    "Deterministic instruction from the document's kind/platform/title and the extract's key words."
-    kind, platform, title = _get(doc, "kind"), _get(doc, "platform"), (_get(doc, "title") or "").strip().rstrip("…")
-    topic = key_phrase(extract)
-    if kind == "post": return f"Write a {PLATFORM_NAMES.get(platform, platform or '')} post about {topic}.".replace("  ", " ")
-    if kind == "repository": return f"Write the part of the `{title}` file in your project that covers {topic}."
-    where = {"medium": "Medium article", "substack": "newsletter issue"}.get(platform, "article")
-    return f"Write the section of your {where} '{title}' that discusses {topic}."
-
-# %% ../nbs/03_sft.ipynb #694d10f1
-def _noun(doc) -> str:
-    "What the document is, as its author would say: 'Medium article', 'LinkedIn post', 'project documentation'."
-    kind, platform = _get(doc, "kind"), _get(doc, "platform")
-    if kind == "post": return f"{PLATFORM_NAMES.get(platform, platform or '')} post".strip()
-    if kind == "repository": return "project documentation"
-    return {"medium": "Medium article", "substack": "newsletter issue"}.get(platform, "article")
-
-def continuation_cue(prev: str, max_chars: int = 200) -> str:
-    "The last whole sentences of `prev` within `max_chars`: what the writer has just written."
-    cue = ""
-    for s in reversed(_sentences(" ".join(prev.split()))):
-        if cue and len(s) + 1 + len(cue) > max_chars: break
-        cue = f"{s} {cue}".strip()
-    return cue if len(cue) <= max_chars else "..." + cue[-max_chars:]
-
-def outline_points(extract: str, n: int = 3) -> list[str]:
-    "One key phrase per part of `extract` (its paragraphs, else `n` groups of its sentences): a writer's outline."
-    parts = [p for p in re.split(r"\n\s*\n", extract) if p.strip()]
-    if len(parts) < 2:
-        s = _sentences(extract); k = max(1, math.ceil(len(s) / n))
-        parts = [" ".join(s[i:i + k]) for i in range(0, len(s), k)]
-    return [p for p in dict.fromkeys(key_phrase(p, 2) for p in parts[:4]) if p != "this topic"]
-
-def style_instruction(doc, extract: str, pos: int = 0, prev: str | None = None, task: str = "section") -> tuple[str, str]:
-    "`(instruction, task)` asking for `extract`, the author's own text, from what a writer has at hand."
-    title, noun = (_get(doc, "title") or "").strip().rstrip("…"), _noun(doc)
-    if task == "continuation" and prev:
-        return f"Continue your {noun} '{title}' from here, in your own words:\n\n{continuation_cue(prev)}", "continuation"
-    if task == "outline" and len(pts := outline_points(extract)) >= 2:
-        return f"Write the part of your {noun} '{title}' that covers, in this order:\n" + "\n".join(f"- {p}" for p in pts), "outline"
-    if pos == 0 and _get(doc, "kind") == "article": return f"Write the opening of your {noun} '{title}'.", "opening"
-    return template_instruction(doc, extract), "section"
-
-def draw_task(mix: dict[str, float], key: str) -> str:
-    "A style task drawn from `mix` (weights), reproducibly from `key`."
-    names = sorted(n for n, w in mix.items() if w > 0)
-    return random.Random(key).choices(names, weights=[mix[n] for n in names])[0]
-
-# %% ../nbs/03_sft.ipynb #7b325e03
-def book_messages(extract: str, author: str, n: int) -> list[dict]:
-    return [{"role": "system", "content": "You create instruction-answer pairs for fine-tuning a model to write like a specific author."},
-            {"role": "user", "content": (
-                f"Based on the following extract written by {author}, generate {n} instruction-answer pairs. Each instruction "
-                "must be a self-contained request (no reference to 'the extract'); each answer must be written in the author's "
-                "own style and voice, first person, using only facts from the extract, 80-150 words. Return JSON only: "
-                '{"pairs": [{"instruction": "...", "answer": "..."}]}\n\nExtract:\n' + extract)}]
-
-def parse_pairs(text: str) -> list[dict]:
-    "The `pairs` list from the endpoint's JSON answer (fenced or not); [] when it does not parse."
-    m = re.search(r"\{.*\}", text or "", flags=re.S)
-    try: pairs = json.loads(m.group(0))["pairs"] if m else []
-    except (ValueError, KeyError, TypeError): return []
-    return [p for p in pairs if isinstance(p, dict) and isinstance(p.get("instruction"), str) and isinstance(p.get("answer"), str)
-            and p["instruction"].strip() and len(p["answer"].split()) >= 20]
-
-# %% ../nbs/03_sft.ipynb #f4d34e4d
-def chat_example(system: str, instruction: str, answer: str) -> dict:
-    return dict(prompt=[{"role": "system", "content": system}, {"role": "user", "content": instruction}],
-                completion=[{"role": "assistant", "content": answer}])
-
-def example_tokens(tok, row: dict) -> int:
-    "Length in tokens of a prompt/completion row once the chat template is applied (what the trainer sees)."
-    return len(tok.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)["input_ids"])
-
-def _generate_instructions(items, backend, cfg: SftParams, use_llm: list[bool], log=print, place: dict | None = None, seed: int = 42,
-                           stats: Counter | None = None) -> list[tuple[str, str, str | None]]:
-    "`(instruction, source, None)` per item (doc, extract): the LLM's where `use_llm` says so and it validates, else a style task."
-    out, t0, calls, n, place, stats = [], time.time(), 0, sum(use_llm), place or {}, stats if stats is not None else Counter()
-    for (doc, extract), ask in zip(items, use_llm):
-        if ask and backend is not None:
-            r = backend.chat(backtranslate_messages(extract), max_new_tokens=cfg.instruction_max_new_tokens, temperature=0.0)
-            calls += 1; stats["llm_calls"] += 1
-            if calls % 16 == 0: log(f"  {calls}/{n} LLM calls, {time.time() - t0:.0f}s")
-            instr, why = validate_instruction(r.text, extract, r.finish_reason)
-            if instr: out.append((instr, "llm", None)); continue
-            stats["llm_rejected"] += 1
-        pos, prev = place.get((_get(doc, "id"), extract), (0, None))
-        task = draw_task(cfg.task_mix, f"{seed}-{_get(doc, 'id')}-{pos}") if (_get(doc, "split") or "train") == "train" else "section"
-        out.append((*style_instruction(doc, extract, pos, prev, task), None))
-    return out
-
-def build_instruct_dataset(docs, tokenizer, cfg: SftParams, backend=None, evalsets: dict | None = None, seed: int = 42, log=print,
-                           author: str | None = None):
-    "Curated `DatasetDict(train, test)` of prompt/completion rows from warehouse documents (only `author`'s when given), and a report of every step."
-    from datasets import Dataset, DatasetDict
-    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the base model's tokenizer has no chat template; use an instruct model (e.g. packaged:smollm2-135m-instruct) or set tokenizer.chat_template")
-    docs = [d for d in docs if (_get(d, "status") or "active") == "active"]
-    if not docs: raise ValueError("the warehouse has no active documents; run the data stage first (dvc repro data)")
-    n_all = len(docs)
-    if author is not None:                               # the twin only: other authors' writing never becomes training data
-        mine = [d for d in docs if _get(d, "author") == author]
-        if not mine:
-            have = dict(Counter(_get(d, "author") for d in docs))
-            raise ValueError(f"no active documents by {author!r} (data.author) in the warehouse, which holds {have}: set data.author "
-                             "to one of these authors, or add that author's exports to data.sources and rerun the data stage (dvc repro data)")
-        docs = mine
-    kinds = cfg.kinds.split(",")
-    rep = Counter(documents=len(docs), documents_other_authors=n_all - len(docs))
-    per_kind = Counter(_get(d, "kind") for d in docs)
-    for k in kinds:
-        if not per_kind[k]: log(f"no {k} documents in the corpus: sft.kinds names it, so it simply adds no rows")
-    docs = [d for d in docs if _get(d, "kind") in kinds]
-    rep["documents_kept_kind"] = len(docs)
-    bp = boilerplate_paragraphs(docs, cfg.boilerplate_min_docs)
-    items, place = [], {}                                # (doc, extract); (doc id, extract) -> (position in the doc, previous extract)
-    for d in docs:
-        body = "\n\n".join(p for p in re.split(r"\n\s*\n", _get(d, "content") or "") if _norm(p) not in bp)
-        exs = split_extracts(body, cfg.extract_min_chars, cfg.extract_max_chars)
-        items += [(d, e) for e in exs]
-        place.update({(_get(d, "id"), e): (j, exs[j - 1] if j else None) for j, e in enumerate(exs)})
-    rep["extracts"] = len(items)
-    rep["boilerplate_paragraphs"] = len(bp)
-    keep = []
-    for d, e in items:
-        s = language_stats(e)
-        if s["ascii_ratio"] < cfg.min_ascii_ratio or s["stopword_ratio"] < cfg.min_stopword_ratio or s["code_ratio"] > MAX_CODE_RATIO:
-            rep["dropped_language"] += 1
-        else: keep.append((d, e))
-    drop = set(near_duplicates([e for _, e in keep], cfg.dedup_jaccard))
-    rep["dropped_near_duplicate"] = len(drop)
-    keep = [x for i, x in enumerate(keep) if i not in drop]
-    # the LLM budget is drawn (seeded) before decontamination, so adding an evaluation set never reshuffles it
-    order = list(range(len(keep))); random.Random(seed).shuffle(order)
-    budget = set(order[:cfg.max_llm_calls]) if backend is not None else set()
-    dc = Decontaminator(evalsets or {}, cfg.decontam_ngram)
-    contaminated = Counter()
-    clean, use_llm = [], []
-    for i, (d, e) in enumerate(keep):
-        m = dc.match(e)
-        if m: contaminated[m[0]] += 1
-        else: clean.append((d, e)); use_llm.append(i in budget)
-    rep["dropped_contaminated"] = sum(contaminated.values())
-    if cfg.generation == "book" and backend is not None:
-        gen = _generate_book(clean, backend, cfg, seed, log, place)
-    else:
-        gen = [[g] for g in _generate_instructions(clean, backend, cfg, use_llm, log, place, seed, rep)]
-    rows = {"train": [], "test": []}
-    for (d, e), pairs in zip(clean, gen):
-        author = _get(d, "author") or "the author"
-        system = SYSTEM_PROMPT.format(author=author)
-        for instr, src, answer in pairs:
-            row = chat_example(system, instr, answer or e)
-            n_tok = example_tokens(tokenizer, row)
-            if n_tok > cfg.max_length and src in ("continuation", "outline"):   # the cue made it too long: ask for the section instead
-                instr, src = style_instruction(d, e, 1)
-                row = chat_example(system, instr, e); n_tok = example_tokens(tokenizer, row); rep["style_task_too_long"] += 1
-            if n_tok > cfg.max_length: rep["dropped_too_long"] += 1; continue
-            split = _get(d, "split") or "train"
-            if split not in rows: raise ValueError(f"document {_get(d, 'id')} has split {split!r}; the warehouse contract allows train|test")
-            rows[split].append(dict(row, doc_id=_get(d, "id"), platform=_get(d, "platform"), kind=_get(d, "kind"),
-                                    title=_get(d, "title"), instruction_source=src, tokens=n_tok, answer_chars=len(row["completion"][0]["content"])))
-    for s in rows: random.Random(seed).shuffle(rows[s])
-    rep.update(train_examples=len(rows["train"]), test_examples=len(rows["test"]))
-    src = Counter(r["instruction_source"] for s in rows for r in rows[s])
-    report = dict(rep, documents_per_kind={k: per_kind[k] for k in kinds}, author=author, contaminated_by=dict(contaminated), evalsets={k: len(v) for k, v in (evalsets or {}).items()},
-                  instruction_source={k: round(v / max(sum(src.values()), 1), 3) for k, v in sorted(src.items())},
-                  instruction_source_counts=dict(src), generation=cfg.generation, task_mix=cfg.task_mix,
-                  backend=getattr(backend, "name", None), seed=seed, decontam_ngram=cfg.decontam_ngram, max_llm_calls=cfg.max_llm_calls)
-    ds = DatasetDict({s: Dataset.from_list(r) if r else Dataset.from_dict({}) for s, r in rows.items()})
-    return ds, report
-
-def _generate_book(items, backend, cfg, seed, log=print, place: dict | None = None):
-    out = []
-    for i, (d, e) in enumerate(items):
-        r = backend.chat(book_messages(e, _get(d, "author") or "the author", cfg.pairs_per_extract),
-                         max_new_tokens=max(cfg.instruction_max_new_tokens, 300 * cfg.pairs_per_extract), temperature=0.0)
-        pairs = [(p["instruction"].strip(), "llm_book", p["answer"].strip()) for p in parse_pairs(r.text)[:cfg.pairs_per_extract]
-                 if not (ngrams(p["instruction"], 8) & ngrams(e, 8))]
-        if not pairs:
-            pairs = [(*style_instruction(d, e, (place or {}).get((_get(d, "id"), e), (1, None))[0]), None)]
-        out.append(pairs)
-        if (i + 1) % 16 == 0: log(f"  {i + 1}/{len(items)} extracts")
-    return out
-
-# %% ../nbs/03_sft.ipynb #e0b93023
-def load_mix_rows(hub_id: str, n: int, system: str, seed: int = 42) -> list[dict]:
-    "`n` prompt/completion rows from a ShareGPT-style hub dataset (`conversations` of {from, value})."
-    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
-        raise RuntimeError(f"sft.mix_dataset = {hub_id!r} needs the Hugging Face hub, but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set; "
-                           "set sft.mix_dataset: none, or unset them with network access")
-    from datasets import load_dataset
-    ds = load_dataset(hub_id, split="train").shuffle(seed=seed).select(range(n))
-    rows = []
-    for r in ds:
-        conv = r.get("conversations") or r.get("messages") or []
-        user = next((c.get("value") or c.get("content") for c in conv if (c.get("from") or c.get("role")) in ("human", "user")), None)
-        asst = next((c.get("value") or c.get("content") for c in conv if (c.get("from") or c.get("role")) in ("gpt", "assistant")), None)
-        if user and asst: rows.append(dict(chat_example(system, user, asst), instruction_source="mix"))
-    return rows
-
-# %% ../nbs/03_sft.ipynb #2d8dbb21
-def dataset_version(ds) -> str:
-    "SHA-256 (16 hex) of every row of every split, in order: the instruct dataset's version."
-    h = hashlib.sha256()
-    for s in sorted(ds):
-        for r in ds[s]: h.update(json.dumps([s, r["prompt"], r["completion"]], sort_keys=True, ensure_ascii=False).encode())
-    return h.hexdigest()[:16]
-
-def _stats(xs) -> str:
-    xs = sorted(xs)
-    if not xs: return "-"
-    return f"min {xs[0]}, median {xs[len(xs) // 2]}, max {xs[-1]}"
-
-def write_dataset_card(ds, report: dict, path: str | Path, n_examples: int = 3) -> str:
-    "Markdown dataset card: origin, funnel counts, lengths, instruction sources, examples."
-    lines = ["# LLM Twin instruction dataset", "",
-             f"Generated from the data warehouse (`sft.generation: {report['generation']}`, backend `{report['backend']}`): the answers "
-             "are extracts of the author's own writing. An instruction was written by the LLM for an extract where the call budget "
-             "allowed and its answer validated (`llm`, back-translation); every other extract got a style task built from the "
-             f"author's text (`section`/`opening`, `continuation`, `outline`; train mix {report.get('task_mix')}, test always `section`). "
-             "Train rows come only from `split == train` documents, test rows only from `split == test` documents.", "",
-             f"Version (hash of the rows): `{dataset_version(ds)}`; seed {report['seed']}.", "",
-             "## Counts", "", "| split | rows | documents | answer chars | tokens (chat template) |", "|---|---|---|---|---|"]
-    for s in ds:
-        d = ds[s]
-        lines.append(f"| {s} | {len(d)} | {len(set(d['doc_id'])) if len(d) else 0} | {_stats(d['answer_chars']) if len(d) else '-'} | {_stats(d['tokens']) if len(d) else '-'} |")
-    lines += ["", "## Curation funnel", "", f"Author: {report.get('author') or 'every author in the warehouse'} "
-              f"(documents per kind: {report.get('documents_per_kind', {})}).", "", "| step | count |", "|---|---|"]
-    for k in ("documents_other_authors", "documents", "documents_kept_kind", "boilerplate_paragraphs", "extracts", "dropped_language", "dropped_near_duplicate",
-              "dropped_contaminated", "dropped_too_long", "train_examples", "test_examples"):
-        lines.append(f"| {k} | {report.get(k, 0)} |")
-    ev = report.get("evalsets") or {}
-    lines += ["", "## Decontamination", "",
-              (f"Word {report.get('decontam_ngram', '')}-gram overlap against: " + ", ".join(f"`{k}` ({v} items, {report['contaminated_by'].get(k, 0)} extracts dropped)" for k, v in ev.items()))
-              if ev else "No evaluation sets were present under `artifacts/evalsets/` when this dataset was built.",
-              "", "## Instruction sources", "", "| source | fraction | rows |", "|---|---|---|"]
-    for k, v in report["instruction_source"].items(): lines.append(f"| {k} | {v} | {report['instruction_source_counts'][k]} |")
-    by_platform = Counter(ds["train"]["platform"]) if len(ds["train"]) else {}
-    lines += ["", "Train rows per platform: " + ", ".join(f"{k} {v}" for k, v in sorted(by_platform.items())), "", "## Examples", ""]
-    for r in list(ds["train"])[:n_examples]:
-        lines += [f"**{r['platform']} / {r['kind']} / `{r['instruction_source']}`** - *{r['prompt'][1]['content']}*", "",
-                  "> " + r["completion"][0]["content"][:400].replace("\n", "\n> ") + ("..." if len(r["completion"][0]["content"]) > 400 else ""), ""]
-    text = "\n".join(lines) + "\n"
-    Path(path).write_text(text)
-    return text
-
-def save_instruct_dataset(ds, report: dict, out: str | Path) -> Path:
-    "Save the DatasetDict, its report (JSON) and card (README.md) under `out` (replaced atomically)."
-    out = Path(out); tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    ds.save_to_disk(str(tmp))
-    write_json(tmp/"report.json", dict(report, version=dataset_version(ds)))
-    write_dataset_card(ds, report, tmp/"README.md")
-    shutil.rmtree(out, ignore_errors=True); os.replace(tmp, out)
-    return out
-
-# %% ../nbs/03_sft.ipynb #37fc1d6f
-def append_feedback_sft(train, path: str | Path, tokenizer=None, max_length: int | None = None, seed: int = 42):
-    "`(train + the feedback stage's SFT rows in its schema, report)`: for the SFT chapter's instruct `train` split."
-    from datasets import Dataset, concatenate_datasets
-    path = Path(path)
-    rows = read_jsonl(path, "one SFT row per line (prompt, completion); rerun the feedback stage (dvc repro feedback)") if path.exists() else []
-    cols = list(train.column_names)
-    if cols and not {"prompt", "completion"} <= set(cols): raise ValueError(f"the train split needs prompt/completion columns, has {cols}")
-    if "tokens" in cols and tokenizer is None and rows: raise ValueError("the train split has a `tokens` column: pass the SFT tokenizer")
-    extra, too_long = [], 0
-    for r in rows:
-        if not (r.get("prompt") and r.get("completion")): raise ValueError(f"{path}: a row without prompt/completion: {json.dumps(r)[:120]}")
-        row = dict(prompt=r["prompt"], completion=r["completion"], doc_id=None, platform="feedback", kind="feedback",
-                   title=f"feedback {r.get('trace_id', '')}".strip(), instruction_source=f"feedback_{r.get('source', 'rating')}",
-                   tokens=example_tokens(tokenizer, r) if tokenizer is not None else None,
-                   answer_chars=len(r["completion"][-1]["content"]), split="train")
-        if max_length and row["tokens"] is not None and row["tokens"] > max_length: too_long += 1; continue
-        extra.append({c: row.get(c) for c in cols} if cols else row)
-    rep = dict(feedback_rows=len(extra), feedback_rows_too_long=too_long, feedback_file_rows=len(rows))
-    if not extra: return train, rep
-    add = Dataset.from_list(extra)
-    if cols: add = add.cast(train.features)
-    return (concatenate_datasets([train, add]) if len(train) else add).shuffle(seed=seed), rep
 
 # %% ../nbs/03_sft.ipynb #2dd8716b
 class CheckpointMismatch(RuntimeError):
@@ -645,34 +206,17 @@ def _load_base(ref: str, cfg: SftParams, device: str, dtype: str):
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
     return model, tok
 
-def train_sft(train_ds, eval_ds, cfg: SftParams, base_model: str, *, data_version: str | None = None, seed: int = 42,
-              device: str = "auto", dtype: str = "auto", checkpoint_dir: str | Path | None = None, resume: str | Path = "auto",
-              model=None, tokenizer=None, callbacks=(), eval_base: bool = True, log=print) -> dict:
-    """LoRA (or QLoRA) SFT of `base_model` on prompt/completion rows; returns trainer, model, config and metrics.
-    `resume`: 'auto' (last checkpoint of this configuration, if any), 'never', or a checkpoint path (checked)."""
-    import torch
-    from peft import LoraConfig
-    from trl import SFTConfig, SFTTrainer
-    dev = pick_device(device)
-    if len(train_ds) < cfg.min_train_examples:
-        raise ValueError(f"only {len(train_ds)} training examples (sft.min_train_examples = {cfg.min_train_examples}); "
-                         "add documents to the warehouse, lower extract_min_chars, or lower min_train_examples for a demo")
-    if eval_ds is not None and len(eval_ds) == 0: raise ValueError("the test split is empty: the warehouse has no `split == test` documents with usable text")
-    if model is None: model, tokenizer = _load_base(base_model, cfg, dev, dtype)
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"base model {base_model!r} has no chat template; SFT on chat rows needs one (use an instruct model or set tokenizer.chat_template)")
-    for name, d in (("train", train_ds), ("test", eval_ds)):
+def _refuse_long_rows(tokenizer, cfg: SftParams, **splits):
+    "Refuse (by name) a split with rows longer than `cfg.max_length` tokens: the trainer would silently truncate them."
+    for name, d in splits.items():
         if d is None: continue
         lens = d["tokens"] if "tokens" in d.column_names else [example_tokens(tokenizer, r) for r in d]
         over = sum(n > cfg.max_length for n in lens)
         if over: raise ValueError(f"{over} {name} rows are longer than sft.max_length = {cfg.max_length} tokens (longest {max(lens)}); "
                                   "rebuild the dataset with this max_length (it drops them) or raise max_length; rows are not silently truncated")
-    if eval_ds is not None and cfg.eval_max_examples and len(eval_ds) > cfg.eval_max_examples: eval_ds = eval_ds.select(range(cfg.eval_max_examples))
-    cols = ["prompt", "completion"]
-    train_ds, eval_ds = train_ds.select_columns(cols), (eval_ds.select_columns(cols) if eval_ds is not None else None)
-    data_version = data_version or hashlib.sha256(json.dumps(train_ds[:], sort_keys=True).encode()).hexdigest()[:16]
-    config = train_config(cfg, base_model, data_version, seed)
-    root = Path(checkpoint_dir or cfg.checkpoint_dir)
+
+def _checkpoint_folder(config: dict, root: Path, resume: str | Path, log=print) -> tuple[Path, Path | None]:
+    "This configuration's checkpoint folder (its config written there) and the checkpoint to resume from, if any (checked)."
     out_dir = root/config["config_hash"]
     if resume == "never":
         ckpt = None
@@ -682,32 +226,36 @@ def train_sft(train_ds, eval_ds, cfg: SftParams, base_model: str, *, data_versio
     if ckpt is not None: check_checkpoint(ckpt, config); log(f"resuming from {ckpt}")
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_main_process(): write_json(out_dir/CONFIG_FILE, config)
+    return out_dir, ckpt
+
+# %% ../nbs/03_sft.ipynb #632da758
+def _sft_args(cfg: SftParams, out_dir: Path, seed: int, dev: str, dtype: str, evaluate: bool):
+    "TRL's `SFTConfig` for this run: completion-only loss, the schedule, evaluation, checkpoints and precision of `cfg`."
+    import torch
+    from trl import SFTConfig
     bf16 = dev == "cuda" and pick_dtype(dev, dtype) == torch.bfloat16
-    args = SFTConfig(output_dir=str(out_dir), seed=seed, data_seed=seed, max_length=cfg.max_length, packing=cfg.packing,
+    return SFTConfig(output_dir=str(out_dir), seed=seed, data_seed=seed, max_length=cfg.max_length, packing=cfg.packing,
                      completion_only_loss=True, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.eval_batch_size,
                      gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler,
                      warmup_steps=cfg.warmup_ratio, num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
                      gradient_checkpointing=cfg.gradient_checkpointing, logging_steps=cfg.logging_steps, logging_first_step=True,
-                     eval_strategy="steps" if eval_ds is not None else "no", eval_steps=cfg.eval_steps,
+                     eval_strategy="steps" if evaluate else "no", eval_steps=cfg.eval_steps,
                      save_strategy="steps", save_steps=cfg.save_steps, save_total_limit=2, report_to="none",
                      bf16=bf16, use_cpu=dev == "cpu", dataloader_num_workers=0, disable_tqdm=True,
                      optim="paged_adamw_8bit" if cfg.quantization == "4bit" else "adamw_torch", **ddp_args())
+
+def _lora_config(cfg: SftParams, model, base_model: str):
+    "The PEFT `LoraConfig` of `cfg`, on the top `lora_layers` layers of `model` (0: all)."
+    from peft import LoraConfig
     n_layers = model.config.num_hidden_layers
     if cfg.lora_layers > n_layers: raise ValueError(f"sft.lora_layers = {cfg.lora_layers} but {base_model} has {n_layers} layers; use 0 (all) up to {n_layers}")
     top = dict(layers_to_transform=list(range(n_layers - cfg.lora_layers, n_layers)), layers_pattern="layers") if cfg.lora_layers else {}
-    peft_cfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                          target_modules=[m.strip() for m in cfg.target_modules.split(",")], **top)
-    seed_everything(seed)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-                         peft_config=peft_cfg, callbacks=[*_callbacks(config), *callbacks])
-    trainable, total = trainer.model.get_nb_trainable_parameters()
-    metrics = dict(trainable_params=trainable, total_params=total)
-    if eval_base and eval_ds is not None:
-        with trainer.model.disable_adapter(): metrics["eval_loss_base"] = round(trainer.evaluate()["eval_loss"], 4)
-        trainer.state.log_history.clear()
-    t0 = time.time()
-    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    metrics["seconds"] = round(time.time() - t0, 1)
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+                      target_modules=[m.strip() for m in cfg.target_modules.split(",")], **top)
+
+def _run_metrics(trainer, out, eval_ds, dev: str, ckpt: Path | None) -> dict:
+    "Metrics of a finished run: final eval loss (one more evaluation unless the last step logged one), loss and speed summaries."
+    metrics = {}
     if eval_ds is not None:     # the last logged evaluation if it was at the final step, else one more
         last = next((h for h in reversed(trainer.state.log_history) if "eval_loss" in h), None)
         metrics["eval_loss"] = round(last["eval_loss"] if last and last["step"] == trainer.state.global_step else trainer.evaluate()["eval_loss"], 4)
@@ -719,6 +267,44 @@ def train_sft(train_ds, eval_ds, cfg: SftParams, base_model: str, *, data_versio
                    train_loss_last=round(losses[-1], 4) if losses else None, train_loss_mean=round(out.training_loss, 4),
                    tokens_per_s=round(sum(tps) / len(tps), 1) if tps else None, peak_memory_mb=peak_memory_mb(dev),
                    resumed_from=str(ckpt) if ckpt else None, device=dev)
+    return metrics
+
+# %% ../nbs/03_sft.ipynb #7a1d1587
+def train_sft(train_ds, eval_ds, cfg: SftParams, base_model: str, *, data_version: str | None = None, seed: int = 42,
+              device: str = "auto", dtype: str = "auto", checkpoint_dir: str | Path | None = None, resume: str | Path = "auto",
+              model=None, tokenizer=None, callbacks=(), eval_base: bool = True, log=print) -> dict:
+    """LoRA (or QLoRA) SFT of `base_model` on prompt/completion rows; returns trainer, model, config and metrics.
+    `resume`: 'auto' (last checkpoint of this configuration, if any), 'never', or a checkpoint path (checked)."""
+    from trl import SFTTrainer
+    dev = pick_device(device)
+    if len(train_ds) < cfg.min_train_examples:
+        raise ValueError(f"only {len(train_ds)} training examples (sft.min_train_examples = {cfg.min_train_examples}); "
+                         "add documents to the warehouse, lower extract_min_chars, or lower min_train_examples for a demo")
+    if eval_ds is not None and len(eval_ds) == 0: raise ValueError("the test split is empty: the warehouse has no `split == test` documents with usable text")
+    if model is None: model, tokenizer = _load_base(base_model, cfg, dev, dtype)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"base model {base_model!r} has no chat template; SFT on chat rows needs one (use an instruct model or set tokenizer.chat_template)")
+    _refuse_long_rows(tokenizer, cfg, train=train_ds, test=eval_ds)
+    if eval_ds is not None and cfg.eval_max_examples and len(eval_ds) > cfg.eval_max_examples: eval_ds = eval_ds.select(range(cfg.eval_max_examples))
+    cols = ["prompt", "completion"]
+    train_ds, eval_ds = train_ds.select_columns(cols), (eval_ds.select_columns(cols) if eval_ds is not None else None)
+    data_version = data_version or hashlib.sha256(json.dumps(train_ds[:], sort_keys=True).encode()).hexdigest()[:16]
+    config = train_config(cfg, base_model, data_version, seed)
+    out_dir, ckpt = _checkpoint_folder(config, Path(checkpoint_dir or cfg.checkpoint_dir), resume, log)
+    args = _sft_args(cfg, out_dir, seed, dev, dtype, eval_ds is not None)
+    peft_cfg = _lora_config(cfg, model, base_model)
+    seed_everything(seed)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+                         peft_config=peft_cfg, callbacks=[*_callbacks(config), *callbacks])
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    metrics = dict(trainable_params=trainable, total_params=total)
+    if eval_base and eval_ds is not None:
+        with trainer.model.disable_adapter(): metrics["eval_loss_base"] = round(trainer.evaluate()["eval_loss"], 4)
+        trainer.state.log_history.clear()
+    t0 = time.time()
+    out = trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
+    metrics["seconds"] = round(time.time() - t0, 1)
+    metrics.update(_run_metrics(trainer, out, eval_ds, dev, ckpt))
     return dict(trainer=trainer, model=trainer.model, tokenizer=tokenizer, config=config, metrics=metrics, out_dir=out_dir)
 
 # %% ../nbs/03_sft.ipynb #68678fab
@@ -768,20 +354,27 @@ def curves(log_history: list[dict]):
                         columns=["step", "loss", "eval_loss", "learning_rate", "grad_norm", "tokens_per_s"])
 
 # %% ../nbs/03_sft.ipynb #8e3797af
+def cli_params(argv, prog: str, doc: str, example: str, options: dict[str, dict], *, out: str, checkpoint_dir: str, metrics: str):
+    """A training command's arguments, the validated params file and the paths: the shared preamble of `python -m llmtwin_nb.sft`
+    and `python -m llmtwin_nb.dpo`. Arguments: `--params`, `-S`, the command's own `options` (flag -> `add_argument` keywords),
+    and the three every training command has, `--out`, `--checkpoint-dir`, `--metrics` (their help texts given)."""
+    import argparse
+    ap = add_params_args(argparse.ArgumentParser(prog=prog, description=doc), example)
+    for flag, kw in options.items(): ap.add_argument(flag, **kw)
+    for flag, text in (("--out", out), ("--checkpoint-dir", checkpoint_dir), ("--metrics", metrics)): ap.add_argument(flag, help=text)
+    a = ap.parse_args(argv)
+    return a, load_params(a.params, a.set), get_paths()
+
 def main(argv=None):
     """Train from a saved instruct dataset with params.yaml, then save adapter + merged model once (main process).
     Runs as `python -m llmtwin_nb.sft` or under `accelerate launch [--config_file ...] -m llmtwin_nb.sft`."""
-    import argparse
     from datasets import load_from_disk
-    from llmtwin_nb.core import load_params, add_params_args
-    ap = add_params_args(argparse.ArgumentParser(prog="python -m llmtwin_nb.sft", description=main.__doc__), "sft.max_steps=10")
-    ap.add_argument("--data", help="instruct dataset folder (save_to_disk with train/test; default: artifacts/instruct)")
-    ap.add_argument("--out", help="output folder for adapter/, merged/, README.md (default: models/sft)")
-    ap.add_argument("--checkpoint-dir", help="checkpoint root (default: sft.checkpoint_dir)")
-    ap.add_argument("--resume", default="auto", help="auto | never | a checkpoint folder")
-    ap.add_argument("--metrics", help="also write the run's metrics and loss curve to this JSON file (main process)")
-    a = ap.parse_args(argv)
-    p = load_params(a.params, a.set); P = get_paths()
+    a, p, P = cli_params(argv, "python -m llmtwin_nb.sft", main.__doc__, "sft.max_steps=10",
+                         {"--data": dict(help="instruct dataset folder (save_to_disk with train/test; default: artifacts/instruct)"),
+                          "--resume": dict(default="auto", help="auto | never | a checkpoint folder")},
+                         out="output folder for adapter/, merged/, README.md (default: models/sft)",
+                         checkpoint_dir="checkpoint root (default: sft.checkpoint_dir)",
+                         metrics="also write the run's metrics and loss curve to this JSON file (main process)")
     cfg = section_params("sft", p.get("sft", {}))
     data = Path(a.data) if a.data else P.artifacts/"instruct"
     if not data.exists(): raise FileNotFoundError(f"instruct dataset {data} not found: run the SFT stage first (`dvc repro sft`) or pass --data")

@@ -140,13 +140,13 @@ def load_retriever(index_path: str | Path, embedder_ref: str = "packaged:minilm"
 # %% ../nbs/06c_sources.ipynb #d1fa7a1b
 def reader_question(extract: str) -> str:
     "How a reader asks about a passage: its key words in a question (the one phrasing the serving and MLOps chapters use)."
-    from llmtwin_nb.sft import key_phrase
+    from llmtwin_nb.instruct import key_phrase
     return f"What have you written about {key_phrase(extract)}?"
 
 def reader_questions(docs, n: int | None = 8, seed: int = 0, *, split: str | None = None, per_doc: int = 1) -> list[dict]:
     """`n` (None: all) questions `{question, doc_id, title}` a reader could ask about `docs`: the key words of the first
     `per_doc` extracts of each (prose first); `split`: only documents of that split (e.g. `test`: held out of training)."""
-    from llmtwin_nb.sft import split_extracts
+    from llmtwin_nb.instruct import split_extracts
     if n is not None and n < 1: raise ValueError(f"n must be >= 1 (or None: all), got {n}")
     usable = sorted((d for d in docs if (d.content or "").strip() and (split is None or getattr(d, "split", "train") == split)), key=lambda d: d.id)
     pool = [d for d in usable if getattr(d, "kind", None) != "repository"] or usable

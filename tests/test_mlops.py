@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest, yaml
 
-from llmtwin_nb.sft import append_feedback_sft
+from llmtwin_nb.instruct import append_feedback_sft
 from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, OFF_TOPIC_QUESTIONS, build_feedback_data, cost_per_variant, drift_check,
                               feedback_to_data, run_simulation, sim_requests, topic_questions, training_reference)
 from llmtwin_nb.prompts import PromptRegistry
@@ -84,7 +84,7 @@ def test_ab_split_holds_its_ratio_and_is_stable_across_processes():
 
 
 def test_prompt_templates_match_what_the_twin_was_trained_with():
-    from llmtwin_nb.sft import SYSTEM_PROMPT
+    from llmtwin_nb.instruct import SYSTEM_PROMPT
     reg = PromptRegistry(ROOT/"prompts")
     msgs, tid = reg.render("rag_answer", question="Q?", context="[1] c")
     assert [m["role"] for m in msgs] == ["system", "user"] and msgs[1]["content"] == "Sources:\n[1] c\n\nQuestion: Q?"
@@ -149,7 +149,7 @@ DOC_TEXTS = [
 def _instruct_train(tok, n=6):
     "A small train split in the SFT chapter's instruct schema."
     from datasets import Dataset
-    from llmtwin_nb.sft import SYSTEM_PROMPT, chat_example, example_tokens
+    from llmtwin_nb.instruct import SYSTEM_PROMPT, chat_example, example_tokens
     row = chat_example(SYSTEM_PROMPT.format(author="Ilse Marchetti"), "Why p95?", "Because the mean hides the slow requests users remember.")
     return Dataset.from_list([dict(row, doc_id=f"{i:016x}", platform="medium", kind="article", title="t", instruction_source="template_budget",
                                    tokens=example_tokens(tok, row), answer_chars=56) for i in range(n)])

@@ -35,7 +35,7 @@ def tiny(tmp_path_factory):
     "16 train / 4 test instruct rows and preference pairs, saved as the stages save them."
     from datasets import Dataset, DatasetDict
     from llmtwin_nb.core import resolve_model
-    from llmtwin_nb.sft import chat_example
+    from llmtwin_nb.instruct import chat_example
     resolve_model(MODEL)            # convert the packaged GGUF once, before two processes want it
     d = tmp_path_factory.mktemp("mp")
     sysm = "You are the author. Write in your own voice."

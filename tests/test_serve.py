@@ -471,7 +471,7 @@ def test_a_lone_surrogate_is_a_400_on_every_text_endpoint_and_the_connection_sta
 
 def test_the_twin_speaks_as_data_author(served, tmp_path):
     "create_app(author=...): a chat without a system message gets the twin's training-time system prompt with that name."
-    from llmtwin_nb.sft import SYSTEM_PROMPT
+    from llmtwin_nb.instruct import SYSTEM_PROMPT
     cfg = served["cfg"].model_copy(update=dict(trace_path=str(tmp_path/"traces.jsonl")))
     app = create_app(cfg, retriever=served["retriever"], model=served["model"], tokenizer=served["tok"], author="Ada Example")
     chat_id = PromptRegistry(ROOT/"prompts").get("twin_chat").template_id

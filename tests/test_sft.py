@@ -9,8 +9,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from llmtwin_nb.core import load_llm, section_params
-from llmtwin_nb.sft import (CONFIG_FILE, CheckpointMismatch, build_instruct_dataset, chat_example, example_tokens,
-                            last_checkpoint, load_evalsets, split_extracts, train_sft)
+from llmtwin_nb.instruct import build_instruct_dataset, chat_example, example_tokens, load_evalsets, split_extracts
+from llmtwin_nb.sft import CONFIG_FILE, CheckpointMismatch, last_checkpoint, train_sft
 
 MODEL = "packaged:smollm2-135m-instruct"
 
@@ -95,7 +95,7 @@ def test_builder_respects_split_and_decontaminates(base, tmp_path):
     answers = [r["completion"][0]["content"] for s in ds for r in ds[s]]
     assert not any(secret in a for a in answers) and len(answers) == rep["extracts"] - 1
     assert set(rep["instruction_source"]) <= {"section", "opening", "continuation", "outline"} and rep.get("llm_calls", 0) == 0
-    assert set(ds["test"]["instruction_source"]) <= {"section", "opening"}          # the evaluation's prompts never show her text
+    assert set(ds["test"]["instruction_source"]) <= {"section", "opening", "continuation"}   # sft.test_tasks: section, continuation
     assert {"continuation", "outline"} & set(ds["train"]["instruction_source"])
     assert all(r["prompt"][0]["content"] == "You are Ilse Marchetti. Write in your own voice." for r in ds["train"])
     # same seed, same rows
@@ -137,3 +137,25 @@ def test_process_rank_and_device_follow_the_launcher(monkeypatch):
     monkeypatch.setenv("RANK", "3"); monkeypatch.setenv("LOCAL_RANK", "1"); monkeypatch.setenv("WORLD_SIZE", "4")
     assert process_rank() == (3, 1, 4) and not is_main_process() and local_device("cpu") == "cpu"
     assert ddp_args() == dict(ddp_find_unused_parameters=False)
+
+def test_test_tasks_ask_every_test_extract_once_per_task(base):
+    "A test document of 3 extracts gives 1 opening + 2 section + 2 continuation rows; the train rows do not depend on test_tasks."
+    _, tok = base
+    para = lambda i, j: (f"Here's the thing about system {i} part {j}: we measured the latency of the service for a week and the "
+                         f"p95 was {100 + i * 10 + j} ms while the mean looked fine, so we fixed the slow path in module {i}{j} first.")
+    docs = [_doc(i, "test" if i == 3 else "train", "\n\n".join(para(i, j) for j in range(3))) for i in range(4)]
+    cfg = section_params("sft", dict(extract_min_chars=100, extract_max_chars=300, max_llm_calls=0, max_length=192, dedup_jaccard=0.95))
+    assert cfg.test_tasks == ["section", "continuation"]
+    ds, rep = build_instruct_dataset(docs, tok, cfg, seed=1, log=lambda *a: None)
+    assert rep["test_tasks"] == {"opening": 1, "section": 2, "continuation": 2} and rep["test_task_dropped"] == 0
+    assert len(ds["test"]) == rep["test_examples"] == 5 and set(ds["test"]["doc_id"]) == {docs[3]["id"]}
+    cont = [r for r in ds["test"] if r["instruction_source"] == "continuation"]
+    assert all(r["prompt"][1]["content"].startswith("Continue your Medium article 'Essay 3'") for r in cont)
+    one, rep_one = build_instruct_dataset(docs, tok, cfg.model_copy(update=dict(test_tasks=["section"])), seed=1, log=lambda *a: None)
+    assert one["train"][:] == ds["train"][:] and rep_one["test_tasks"] == {"opening": 1, "section": 2}
+    short, rep_short = build_instruct_dataset(docs, tok, cfg.model_copy(update=dict(max_length=128)), seed=1, log=lambda *a: None)
+    assert rep_short["test_tasks"].get("continuation", 0) + rep_short["test_task_dropped"] == 2        # too long: dropped, not replaced
+    assert {k: v for k, v in rep_short["test_tasks"].items() if k != "continuation"} == {"opening": 1, "section": 2}
+    with pytest.raises(Exception, match="each test task once"):
+        section_params("sft", dict(test_tasks=["section", "section"]))
+    assert section_params("sft", dict(kinds=["article"])).kinds == ["article"]

@@ -11,7 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1"); os.environ.setdefault("HF_DATASETS
 
 from llmtwin_nb.core import load_llm, make_backend, section_params
 from llmtwin_nb.serve import ServerThread, create_app
-from llmtwin_nb.sft import build_instruct_dataset
+from llmtwin_nb.instruct import build_instruct_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "packaged:smollm2-135m-instruct"
