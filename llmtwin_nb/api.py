@@ -72,6 +72,7 @@ def explain_validation(errors: list[dict]) -> tuple[str, str | None]:
         param = param or where or None
     return "; ".join(dict.fromkeys(msgs)), param
 
+# %% ../nbs/06g_api.ipynb #e4f36c38
 def invalid_text(obj) -> tuple[str, int, str] | None:
     "The first string (value or key) of a parsed JSON value that is not Unicode text: `(where, index, 'U+XXXX')`; None if all are."
     todo = [((), obj, False)]

@@ -68,6 +68,7 @@ def chunk_tokens(text: str, tok, size: int, overlap: int) -> list[str]:
         if e == len(offs): return [c for c in out if c]
         s = e - overlap
 
+# %% ../nbs/02_chunking.ipynb #1e09173a
 def pack_sentences(sents: list[str], lens: list[int], size: int, overlap: int, breaks: set[int] = frozenset(), tok=None) -> list[str]:
     "Greedy packing of sentences into chunks of at most `size` tokens; `overlap` tokens of trailing sentences repeat."
     out, cur, n, fresh = [], [], 0, 0

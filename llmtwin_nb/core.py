@@ -358,6 +358,7 @@ def convert_gguf(gguf: Path, out: Path, log=print) -> Path:
             shutil.rmtree(stale, ignore_errors=True)
     return out
 
+# %% ../nbs/00_core.ipynb #f9741267
 def _dequantize_to(gguf: Path, tmp: Path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
@@ -505,6 +506,7 @@ class UpstreamError(BackendError):
     def __init__(self, message: str, status: int = 502):
         super().__init__(message); self.status = status
 
+# %% ../nbs/00_core.ipynb #10bac209
 class OpenAIChatBackend:
     name = "openai"
     def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY", timeout_s: float = 60,

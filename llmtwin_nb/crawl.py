@@ -81,6 +81,7 @@ class _QuietServer(ThreadingHTTPServer):
     def handle_error(self, request, client_address):  # clients hanging up mid-response are expected here
         pass
 
+# %% ../nbs/01a_crawl.ipynb #b52579d2
 class FixtureSite:
     "A real HTTP server on 127.0.0.1 serving canned responses, with a log of every request it received."
     def __init__(self, routes: dict | None = None, host: str = "127.0.0.1"):
@@ -339,6 +340,7 @@ def _read_capped(r: httpx.Response, url: str, max_bytes: int, t0: float, timeout
         chunks.append(chunk)
     return b"".join(chunks)
 
+# %% ../nbs/01a_crawl.ipynb #de47dc5e
 def _one_hop(url: str, policy: CrawlPolicy, session: CrawlSession, max_bytes: int) -> _Resp:
     "One URL, no redirect following, with retries on 429/5xx, timeouts and transport errors."
     host = urlsplit(url).netloc.lower()
@@ -389,6 +391,7 @@ def _one_hop(url: str, policy: CrawlPolicy, session: CrawlSession, max_bytes: in
             _log.info("%s: %s, retry %d/%d in %.2f s", url, type(e).__name__, attempt, policy.max_retries, wait)
         time.sleep(wait)
 
+# %% ../nbs/01a_crawl.ipynb #083d6cef
 def _follow(url: str, policy: CrawlPolicy, session: CrawlSession, *, max_bytes: int, check_robots: bool = True):
     "Follow redirects by hand: robots and throttle on every hop, loop detection, `max_redirects` cap."
     chain = [url]
@@ -486,6 +489,7 @@ def _metas(soup) -> dict[str, str]:
 
 def _meta(metas: dict, *keys) -> str | None: return next((metas[k] for k in keys if k in metas), None)
 
+# %% ../nbs/01a_crawl.ipynb #4d327252
 def _jsonld(soup) -> list[dict]:
     out = []
     for s in soup.find_all("script", attrs={"type": re.compile("ld\\+json", re.I)}):
@@ -542,6 +546,7 @@ def _metadata(soup, url: str) -> dict:
     canonical = urljoin(url, link["href"].strip()) if link is not None and link.get("href") else _meta(metas, "og:url")
     return dict(title=title or None, published_at=published, author=author, canonical_url=canonical)
 
+# %% ../nbs/01a_crawl.ipynb #049404c5
 def _drop(el: Tag, removed: set[int]):
     "Decompose `el`, remembering it and its descendants (bs4's `.decomposed` is slow on live tags)."
     removed.update(id(d) for d in el.descendants); removed.add(id(el)); el.decompose()
@@ -645,6 +650,7 @@ _SUBSTACK_PAGE = """<!DOCTYPE html><html><head><meta charset="utf-8"><title>Quan
 <div class="comments-section"><h4>Discussion about this post</h4><p>Great post, thanks a lot for the numbers, very useful!</p></div>
 </div></div><div class="footer-wrap">© 2024 Ada Example · Privacy · Terms · Collection notice</div></body></html>"""
 
+# %% ../nbs/01a_crawl.ipynb #1ba9c14b
 _BLOG_PAGE = """<html><head><title>Notes on tokenizers – Ada's blog</title>
 <meta name="description" content="Notes on tokenizers"></head>
 <body><header class="site-header"><div class="logo">Ada's blog</div>
@@ -712,6 +718,7 @@ def crawl_article(url: str, policy: CrawlPolicy, throttle: HostThrottle | None =
                       published_at=ex.published_at, author=ex.author,
                       fetched_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), canonical_url=ex.canonical_url)
 
+# %% ../nbs/01a_crawl.ipynb #4ab0b56a
 def crawl_many(urls: Iterable[str], policy: CrawlPolicy, throttle: HostThrottle | None = None,
                max_workers: int = 4) -> tuple[list[RawArticle], list[dict]]:
     "Crawl every URL: `(articles, failures)`, each failure `{url, reason, message}`; one bad URL never stops the rest."

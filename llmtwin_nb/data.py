@@ -42,6 +42,7 @@ def _csv_list(v) -> list[str]:
 
 data_git_include_default = "*.md,*.rst,*.txt,*.py,*.toml,*.cfg,*.yaml,*.yml,*.sh,*.js,*.ts,*.go,*.rs,*.java,*.c,*.h,*.cpp,*.ipynb"
 
+# %% ../nbs/01b_data.ipynb #0c7f9b8a
 @register_params("data")
 class DataParams(Section):
     raw_dir: str = Field("data", min_length=1, description="folder the relative source paths are resolved against")
@@ -126,6 +127,7 @@ class DataParams(Section):
         "The near-duplicate settings as `near_duplicate_pairs` keywords."
         return dict(threshold=self.dedup_threshold, num_perm=self.minhash_perm, bands=self.lsh_bands, k=self.shingle_words, seed=self.seed)
 
+# %% ../nbs/01b_data.ipynb #be960b3d
 def _import_defaults() -> DataParams:
     "The schema's defaults without an author: the import knobs for helpers called without params."
     return DataParams.model_construct(sources={}, author="")
@@ -338,6 +340,7 @@ def _book_text(content) -> str:
 _JSON_TYPE = {dict: "object", list: "array", str: "string", int: "number", float: "number", bool: "boolean", type(None): "null"}
 BOOK_EXPECTED = "the book's MongoDB export: a JSON array of records (mongoexport --jsonArray) or one JSON record per line"
 
+# %% ../nbs/01b_data.ipynb #9bd94b37
 def import_book_export(path: str | Path, ctx: "ImportContext | None" = None) -> list[RawDocument]:
     "The LLM Engineer's Handbook MongoDB export (mongoexport JSON lines or JSON array) -> RawDocuments."
     path = Path(path); recs = read_json_records(path, BOOK_EXPECTED)
@@ -410,6 +413,7 @@ def _git(args: list[str], timeout: float, cwd=None, input: bytes | None = None) 
 def repo_name(source: str) -> str:
     return re.sub(r"(\.git|\.bundle)$", "", source.rstrip("/").rsplit("/", 1)[-1]) or "repo"
 
+# %% ../nbs/01b_data.ipynb #11730faf
 def import_git(source: str, ctx: "ImportContext | None" = None) -> list[RawDocument]:
     "A git repository (URL, local path or .bundle): keep docs and code files; skip and report the rest."
     ctx = ctx or ImportContext()
@@ -490,6 +494,7 @@ def _is_medium_export(s):
     first = next(iter(sorted((p/"posts").glob("*.html"))), None)
     return first is not None and ("p-canonical" in (t := first.read_text(errors="replace")[:20000]) or "data-field=\"body\"" in t or "medium.com" in t)
 
+# %% ../nbs/01b_data.ipynb #0310bca8
 class CrawlerDispatcher:
     "Registry of (pattern, handler): the first pattern matching a source picks its handler."
     def __init__(self): self.handlers: list[tuple[Any, Callable, str]] = []
@@ -541,6 +546,7 @@ def _unwrap(folder: Path) -> Path:
     items = [p for p in folder.iterdir() if p.name not in ("__MACOSX", ".DS_Store")]
     return items[0] if len(items) == 1 and items[0].is_dir() else folder
 
+# %% ../nbs/01b_data.ipynb #2b7a8417
 def collect_sources(sources: dict | list | str, raw_dir: str | Path = ".", cfg: DataParams | None = None,
                     dispatcher: CrawlerDispatcher | None = None, ctx: ImportContext | None = None) -> tuple[list[RawDocument], list[dict], dict]:
     """Import every source; returns (raw documents, failures, per-source document counts). `sources` maps author -> sources
@@ -757,6 +763,7 @@ def corpus_problems(cfg: DataParams, docs: list[Document], stats: dict, failures
                                 f"{cfg.test_fraction}); add documents or change data.test_fraction")
     return problems
 
+# %% ../nbs/01b_data.ipynb #dd2a31ac
 def run_etl(cfg: DataParams, raw_dir: str | Path | None = None, warehouse_dir: str | Path | None = None,
             now: str | None = None, dispatcher: CrawlerDispatcher | None = None, strict: bool = True) -> dict:
     """Collect every source, build documents, check them, merge them into the warehouse; returns the run report.

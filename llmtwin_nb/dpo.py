@@ -309,6 +309,7 @@ def build_preference(rows: list[dict], backend: LocalChatBackend, cfg: DpoParams
     if len(out["train"]) < cfg.min_train_pairs: raise ValueError(too_few_pairs(len(out["train"]), cfg, len(rows), report))
     return out, report
 
+# %% ../nbs/04_dpo.ipynb #0e674519
 DATASET_CARD = """---
 language: [en]
 license: cc-by-4.0
@@ -429,6 +430,7 @@ def _load_policy(model_dir: str, device: str, qlora: bool):
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=pick_dtype(device)).to(local_device(device))   # cpu: unchanged
     return model, tok
 
+# %% ../nbs/04_dpo.ipynb #ba697bf2
 def train_dpo(model_dir: str, train_pairs, eval_pairs, cfg: DpoParams, out_dir: str | Path, ckpt_dir: str | Path,
               seed: int = 42, device: str = "auto", max_steps: int = -1, stop_after: int | None = None, log=print) -> dict:
     "LoRA/QLoRA DPO from `model_dir`; saves the adapter to `out_dir/adapter`; returns metrics and the log history."
@@ -481,6 +483,7 @@ def train_dpo(model_dir: str, train_pairs, eval_pairs, cfg: DpoParams, out_dir: 
                 resumed_from=str(resume_from) if resume_from else None,
                 eval=last_eval, log_history=hist, peak_memory_mb=peak_memory_mb(device), device=device, config_hash=run_hash)
 
+# %% ../nbs/04_dpo.ipynb #75bf1d88
 def merge_adapter(base_dir: str, adapter_dir: str | Path, out_dir: str | Path) -> Path:
     "Fold the LoRA adapter into a full-precision copy of its base and save a standalone model folder."
     import torch

@@ -80,6 +80,7 @@ def left_pad(x, length: int, dim: int):
     shape = list(x.shape); shape[dim] = length - x.shape[dim]
     return torch.cat([x.new_zeros(shape), x], dim=dim)
 
+# %% ../nbs/06b_engine.ipynb #b75838f0
 class RunningBatch:
     """The requests decoding together: one KV cache (`DynamicCache`, rows left-padded to a common length), its 2-D attention
     mask (0 on padding) and one `DecodeRow` a row. A request joins after its own prefill; a finished one leaves at once."""

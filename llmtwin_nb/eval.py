@@ -81,6 +81,7 @@ def parse_models(spec: str) -> dict[str, str]:
     if not out: raise ParamsError("`eval.models` is empty: give at least base=<model reference>")
     return out
 
+# %% ../nbs/05_eval.ipynb #64c76694
 def locate_model(ref: str, root: Path | None = None) -> tuple[str | None, str]:
     "`(loadable reference or None, note)`: packaged models and hub ids as they are, folders made absolute, missing folders None."
     if ref.startswith("packaged:"): return ref, "packaged"
@@ -255,6 +256,7 @@ class _Embed(BaseEstimator, TransformerMixin):
     def transform(self, X):
         return self.embedder.encode(list(X), normalize_embeddings=True, convert_to_numpy=True, batch_size=32, show_progress_bar=False)
 
+# %% ../nbs/05_eval.ipynb #b9f7cf0c
 class TwinScorer:
     """P(a text is the author's), with every feature learned from data: a logistic regression on character 2-4-gram and
     word 1-2-gram TF-IDF, the relative frequencies of the training texts' most frequent words (Burrows' function words),
@@ -327,6 +329,7 @@ class TwinScorer:
             else: o = np.argsort(c); out[name] = dict(author=[str(names[i]) for i in o[::-1][:k]], other=[str(names[i]) for i in o[:k]])
         return out
 
+# %% ../nbs/05_eval.ipynb #658b78b5
 def auc(pos, neg) -> float:
     "Area under the ROC curve: P(a random positive scores above a random negative), ties counted half."
     pos, neg = np.asarray(pos, float), np.asarray(neg, float)
@@ -438,6 +441,7 @@ def chat_nll(model, tok, rows: list[dict], batch_size: int = 4) -> list[tuple[fl
             out.append((float(-lp[r, sl].sum()), len(f) - n_p))
     return out
 
+# %% ../nbs/05_eval.ipynb #ff05fb3f
 def perplexity(nll: list[tuple[float, int]]) -> float:
     "Token-weighted perplexity of (nll, tokens) pairs."
     s, n = sum(x for x, _ in nll), sum(k for _, k in nll)
@@ -493,6 +497,7 @@ def _json_objects(text: str):
                 depth -= 1
                 if depth == 0: yield text[i:j + 1]; break
 
+# %% ../nbs/05_eval.ipynb #9c0d39cb
 def parse_judgement(text: str) -> dict[str, int]:
     "`{'accuracy': 1-3, 'style': 1-3}` from a judge answer, or `JudgeParseError` saying what is wrong."
     text = re.sub(r"^```(?:json)?|```$", "", (text or "").strip(), flags=re.M).strip()
@@ -650,6 +655,7 @@ def write_lmeval_task(folder: str | Path, items: list[dict], name: str = LMEVAL_
     atomic_write_text(folder/f"{name}.yaml", yaml.safe_dump(task, sort_keys=False))
     return folder
 
+# %% ../nbs/05_eval.ipynb #c3cc9b07
 def run_lmeval(pretrained, tasks: list[str], include_path: str | Path | None = None, limit: int | None = None,
                batch_size: int = 8, device: str = "cpu", dtype: str = "float32", bootstrap_iters: int = 1000) -> dict:
     """Run lm-eval's `hf` model on `tasks`; `{task: {metric: value}}`. `pretrained` is a model folder or hub id (what the

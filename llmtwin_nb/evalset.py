@@ -98,6 +98,7 @@ def key_terms(sentence: str, max_words: int = 2) -> list[tuple[str, bool]]:
     flush()
     return list(dict.fromkeys(out))
 
+# %% ../nbs/02_evalset.ipynb #50c2c260
 class KeywordQuestions:
     "Rule-written keyword questions about chunk sentences, checked for ambiguity against every chunk of the index."
     def __init__(self, chunks: list[Chunk]):
@@ -158,6 +159,7 @@ class KeywordQuestions:
             q = f"{SOURCE_PHRASE[chunk.payload['platform']]}, {q[0].lower()}{q[1:]}"
         return q, s, rel
 
+# %% ../nbs/02_evalset.ipynb #39cc22e8
 def llm_question(chunk_text: str, backend) -> str:
     prompt = (f"Passage:\n{chunk_text[:1200]}\n\nWrite one short question that this passage answers. "
               "Use your own words, do not copy sentences. Reply with the question only.")

@@ -59,6 +59,7 @@ def _inline(node) -> str:
 def _squash(s: str) -> str:
     return "\n".join(re.sub(r"[ \t\f\v\r]+", " ", line).strip() for line in s.split("\n")).strip()
 
+# %% ../nbs/01_hygiene.ipynb #84cdb41e
 def _render(node: Tag, out: list[str], depth: int = 0):
     buf: list[str] = []
     def flush():

@@ -185,6 +185,7 @@ def bench_generate(model, inputs: dict, new_tokens: int, repeats: int = 3, warmu
     if ids.shape[1] != new_tokens: raise RuntimeError(f"{name}: generated {ids.shape[1]} tokens, expected {new_tokens}")
     return Bench(name, ids.shape[0], new_tokens, secs, dec, ttft, ids)
 
+# %% ../nbs/06_inference.ipynb #8be5282d
 def _sync(model):
     import torch
     if model.device.type == "cuda": torch.cuda.synchronize()

@@ -183,6 +183,7 @@ def key_phrase(extract: str, k: int = 3) -> str:
 
 PLATFORM_NAMES = {"linkedin": "LinkedIn", "medium": "Medium", "substack": "Substack", "github": "GitHub"}
 
+# %% ../nbs/03_instruct.ipynb #dee79ec5
 def _noun(doc) -> str:
     "What the document is, as its author would say: 'Medium article', 'LinkedIn post', 'project documentation'."
     kind, platform = _get(doc, "kind"), _get(doc, "platform")

@@ -115,6 +115,7 @@ def clean_rows(rows: list[dict], answer_of: Callable[[dict], str], what: str, dc
     rep[f"{what}_dropped_contaminated"] = len(rows) - len(kept)
     return kept
 
+# %% ../nbs/08_mlops.ipynb #f93ca20e
 def feedback_to_data(feedback: list[dict], traces: list[dict] | dict[str, dict], *, evalsets: dict[str, list[dict]] | None = None,
                      test_doc_ids: set[str] | frozenset = frozenset(), author: str, chosen_min_rating: int = 4,
                      rejected_max_rating: int = 2, min_chars: int = 20, dedup_jaccard: float = 0.8, decontam_ngram: int = 8,
@@ -399,6 +400,7 @@ def _run_async(coro):
     import concurrent.futures as cf
     with cf.ThreadPoolExecutor(1) as ex: return ex.submit(asyncio.run, coro).result()
 
+# %% ../nbs/08_mlops.ipynb #d17165bf
 async def _post_feedback(url: str, bodies: list[dict], concurrency: int) -> Counter:
     import httpx
     sem, codes = asyncio.Semaphore(concurrency), Counter()
@@ -408,6 +410,7 @@ async def _post_feedback(url: str, bodies: list[dict], concurrency: int) -> Coun
         await asyncio.gather(*(one(b) for b in bodies))
     return codes
 
+# %% ../nbs/08_mlops.ipynb #a74d613e
 def run_simulation(requests: list[dict], *, serve_cfg: dict, logs_dir: str | Path, embedder, prompts: PromptRegistry, author: str,
                    max_tokens: int = 12, concurrency: int = 8, correct_fraction: float = 0.5, failures: int = 0, retriever=None,
                    root: str | Path | None = None, models_llm: str = "packaged:smollm2-135m-instruct", models: dict | None = None,

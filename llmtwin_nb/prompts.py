@@ -73,6 +73,7 @@ class PromptRegistry:
         t = self.get(id, version); return t.render(**values), t.template_id
     def ids(self) -> list[str]: return [t.template_id for t in self.templates.values()]
 
+# %% ../nbs/06d_prompts.ipynb #8c0189f9
 def cited_numbers(answer: str) -> set[int]:
     "The source numbers an answer cites as [n] (also [1, 2] and [1][3])."
     return {int(n) for grp in re.findall(r"\[(\d+(?:\s*,\s*\d+)*)\]", answer) for n in re.split(r"\s*,\s*", grp)}

@@ -190,6 +190,7 @@ def ensure_collection(client, name: str, dim: int, recreate: bool = False):
             client.create_payload_index(name, field, models.PayloadSchemaType.KEYWORD)
     return True
 
+# %% ../nbs/02_rag.ipynb #f35f048e
 def indexed_ids(client, name: str) -> dict[str, str]:
     "All point ids of the collection -> their doc_id."
     out, offset = {}, None
@@ -379,6 +380,7 @@ def bm25_idf(df: int, n: int) -> float:
     "Qdrant's `Modifier.IDF`: ln(1 + (N - df + 0.5) / (df + 0.5))."
     return math.log(1 + (n - df + 0.5) / (df + 0.5))
 
+# %% ../nbs/02_rag.ipynb #ecf7226a
 class LocalIndex:
     "What the embedded fast path keeps in numpy: filter fields (as codes) and BM25 postings, read once from the collection."
     def __init__(self, client, collection: str, sparse: bool = True):
@@ -426,6 +428,7 @@ class LocalIndex:
         top = cand[np.argsort(-score[cand].astype(np.float32), kind="stable")[:limit]]   # ... ranked as float32 like Qdrant
         return [self.ids[i] for i in top]
 
+# %% ../nbs/02_rag.ipynb #cccdc60f
 class Retriever:
     "Self-query + expansion + filtered dense or hybrid (dense + BM25) search + rerank over a Qdrant collection."
     def __init__(self, client, collection: str, embedder, reranker=None, backend=None, cfg: RagParams | None = None):
@@ -617,6 +620,7 @@ def reranker_pairs(chunks: list[Chunk], vecs: np.ndarray, embedder, kq: KeywordQ
         pairs += [(q, text(j), 0.0) for j in negs]
     return pairs
 
+# %% ../nbs/02_rag.ipynb #e93609cf
 def train_reranker(pairs, base: str, out: str | Path, steps: int = 150, batch_size: int = 16, max_length: int = 192,
                    lr: float = 5e-5, seed: int = 0, train_layers: int = 0, keep_layers: int = 0, log=print) -> dict:
     "Fine-tune a CrossEncoder (body: `base`, its first `keep_layers` layers if > 0, new 1-logit head; only the top `train_layers` layers learn if > 0); save to `out`."

@@ -126,6 +126,7 @@ class RagRetriever:
         return ctx, [dataclasses.replace(s, n=num[s.doc_id]) for s in sources if s.doc_id in num]
     def close(self): self._stack.close()
 
+# %% ../nbs/06c_sources.ipynb #c6bdf986
 def load_retriever(index_path: str | Path, embedder_ref: str = "packaged:minilm", collection: str = "chunks",
                    reranker: str = "none", device: str = "auto", root: str | Path | None = None, author: str | None = None) -> Retriever:
     "The chapter-02 Qdrant retriever (only `author`'s chunks when given); `FileNotFoundError` saying what to run if the index or `rag` is missing."
@@ -135,7 +136,6 @@ def load_retriever(index_path: str | Path, embedder_ref: str = "packaged:minilm"
     if importlib.util.find_spec("llmtwin_nb.rag") is None:
         raise FileNotFoundError("llmtwin_nb.rag is not installed: export nbs/02_rag.ipynb (nbdev_export)")
     return RagRetriever(p, embedder_ref, collection, reranker, device, root, author)
-
 
 # %% ../nbs/06c_sources.ipynb #d1fa7a1b
 def reader_question(extract: str) -> str:
