@@ -12,6 +12,7 @@ from typing import Any, Literal, Optional, Protocol
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastcore.basics import patch
 
 # %% auto #0
 __all__ = ['PARAM_SECTIONS', 'PACKAGED', 'MANIFEST', 'RETRYABLE', 'ParamsError', 'Section', 'register_params', 'CoreParams',
@@ -516,82 +517,93 @@ class OpenAIChatBackend:
         self.timeout_s, self.max_retries, self.backoff_s = timeout_s, max_retries, backoff_s
         self.max_new_tokens, self.temperature, self.seed = max_new_tokens, temperature, seed
 
-    def request(self, messages, max_new_tokens=None, temperature=None, **kw) -> dict:
-        body = dict(model=self.model, messages=messages, max_tokens=max_new_tokens or self.max_new_tokens,
-                    temperature=self.temperature if temperature is None else temperature, seed=kw.get("seed", self.seed))
-        if kw.get("response_format"): body["response_format"] = kw["response_format"]
-        return dict(backend="openai", base_url=self.base_url, body=body)
+# %% ../nbs/00_core.ipynb #c534dbe3
+@patch
+def request(self: OpenAIChatBackend, messages, max_new_tokens=None, temperature=None, **kw) -> dict:
+    body = dict(model=self.model, messages=messages, max_tokens=max_new_tokens or self.max_new_tokens,
+                temperature=self.temperature if temperature is None else temperature, seed=kw.get("seed", self.seed))
+    if kw.get("response_format"): body["response_format"] = kw["response_format"]
+    return dict(backend="openai", base_url=self.base_url, body=body)
 
-    def _retry_after(self, resp, attempt: int) -> float:
-        ra = resp.headers.get("retry-after") if resp is not None else None
-        try: return min(float(ra), 60.0) if ra is not None else self.backoff_s * 2 ** attempt
-        except ValueError: return self.backoff_s * 2 ** attempt
+# %% ../nbs/00_core.ipynb #f4be7a68
+@patch
+def _retry_after(self: OpenAIChatBackend, resp, attempt: int) -> float:
+    ra = resp.headers.get("retry-after") if resp is not None else None
+    try: return min(float(ra), 60.0) if ra is not None else self.backoff_s * 2 ** attempt
+    except ValueError: return self.backoff_s * 2 ** attempt
 
-    def _headers(self) -> dict:
-        key = os.environ.get(self.api_key_env, "")
-        return {"Authorization": f"Bearer {key}"} if key else {}
+@patch
+def _headers(self: OpenAIChatBackend) -> dict:
+    key = os.environ.get(self.api_key_env, "")
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
-    def _refused(self, url: str, status: int, last: str) -> UpstreamError:
-        hint = f" (is ${self.api_key_env} set?)" if status in (401, 403) else ""
-        return UpstreamError(f"{url} refused the request: {last}{hint}", status)
+@patch
+def _refused(self: OpenAIChatBackend, url: str, status: int, last: str) -> UpstreamError:
+    hint = f" (is ${self.api_key_env} set?)" if status in (401, 403) else ""
+    return UpstreamError(f"{url} refused the request: {last}{hint}", status)
 
-    def _call(self, attempt_once) -> ChatResult:
-        "Run `attempt_once() -> (ChatResult | None, response, reason)` with retries; `UpstreamError` with the status to pass on."
-        import httpx
-        url, last, status = f"{self.base_url}/chat/completions", "", 502
-        for attempt in range(self.max_retries + 1):
-            resp = None
+@patch
+def _call(self: OpenAIChatBackend, attempt_once) -> ChatResult:
+    "Run `attempt_once() -> (ChatResult | None, response, reason)` with retries; `UpstreamError` with the status to pass on."
+    import httpx
+    url, last, status = f"{self.base_url}/chat/completions", "", 502
+    for attempt in range(self.max_retries + 1):
+        resp = None
+        try:
+            res, resp, last = attempt_once(url)
+            if res is not None: return res
+            status = resp.status_code
+            if status not in RETRYABLE: raise self._refused(url, status, last)
+        except httpx.TimeoutException as e: last, status = f"{type(e).__name__}: {e}", 504
+        except httpx.TransportError as e: last, status = f"{type(e).__name__}: {e}", 502
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            raise UpstreamError(f"{url} answered 200 but not with an OpenAI chat completion: {e}", 502) from None
+        if attempt < self.max_retries: time.sleep(self._retry_after(resp, attempt))
+    raise UpstreamError(f"{url} failed after {self.max_retries + 1} attempts: {last}", status)
+
+# %% ../nbs/00_core.ipynb #80397382
+@patch
+def chat(self: OpenAIChatBackend, messages, max_new_tokens=None, temperature=None, **kw) -> ChatResult:
+    import httpx
+    body, t0 = self.request(check_messages(messages), max_new_tokens, temperature, **kw)["body"], time.time()
+    def once(url):
+        resp = httpx.post(url, json=body, headers=self._headers(), timeout=self.timeout_s)
+        if resp.status_code != 200: return None, resp, f"HTTP {resp.status_code}: {resp.text[:200]}"
+        d = resp.json(); ch = d["choices"][0]; u = d.get("usage") or {}
+        return ChatResult(ch["message"]["content"] or "", d.get("model", self.model), u.get("prompt_tokens", 0),
+                          u.get("completion_tokens", 0), ch.get("finish_reason") or "stop", False, time.time() - t0), resp, ""
+    return self._call(once)
+
+# %% ../nbs/00_core.ipynb #f037deca
+@patch
+def stream(self: OpenAIChatBackend, messages, on_text, max_new_tokens=None, temperature=None, **kw) -> ChatResult:
+    """A streamed chat completion: `on_text(piece)` is called with each piece as the upstream sends it; returns the whole
+    `ChatResult` (token counts from the upstream's usage chunk, else pieces counted). Retried only before the first piece."""
+    import httpx
+    body = {**self.request(check_messages(messages), max_new_tokens, temperature, **kw)["body"],
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.time()
+    def once(url):
+        with httpx.stream("POST", url, json=body, headers=self._headers(), timeout=self.timeout_s) as resp:
+            if resp.status_code != 200: resp.read(); return None, resp, f"HTTP {resp.status_code}: {resp.text[:200]}"
+            pieces, usage, finish, model = [], {}, None, self.model
             try:
-                res, resp, last = attempt_once(url)
-                if res is not None: return res
-                status = resp.status_code
-                if status not in RETRYABLE: raise self._refused(url, status, last)
-            except httpx.TimeoutException as e: last, status = f"{type(e).__name__}: {e}", 504
-            except httpx.TransportError as e: last, status = f"{type(e).__name__}: {e}", 502
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise UpstreamError(f"{url} answered 200 but not with an OpenAI chat completion: {e}", 502) from None
-            if attempt < self.max_retries: time.sleep(self._retry_after(resp, attempt))
-        raise UpstreamError(f"{url} failed after {self.max_retries + 1} attempts: {last}", status)
-
-    def chat(self, messages, max_new_tokens=None, temperature=None, **kw) -> ChatResult:
-        import httpx
-        body, t0 = self.request(check_messages(messages), max_new_tokens, temperature, **kw)["body"], time.time()
-        def once(url):
-            resp = httpx.post(url, json=body, headers=self._headers(), timeout=self.timeout_s)
-            if resp.status_code != 200: return None, resp, f"HTTP {resp.status_code}: {resp.text[:200]}"
-            d = resp.json(); ch = d["choices"][0]; u = d.get("usage") or {}
-            return ChatResult(ch["message"]["content"] or "", d.get("model", self.model), u.get("prompt_tokens", 0),
-                              u.get("completion_tokens", 0), ch.get("finish_reason") or "stop", False, time.time() - t0), resp, ""
-        return self._call(once)
-
-    def stream(self, messages, on_text, max_new_tokens=None, temperature=None, **kw) -> ChatResult:
-        """A streamed chat completion: `on_text(piece)` is called with each piece as the upstream sends it; returns the whole
-        `ChatResult` (token counts from the upstream's usage chunk, else pieces counted). Retried only before the first piece."""
-        import httpx
-        body = {**self.request(check_messages(messages), max_new_tokens, temperature, **kw)["body"],
-                "stream": True, "stream_options": {"include_usage": True}}
-        t0 = time.time()
-        def once(url):
-            with httpx.stream("POST", url, json=body, headers=self._headers(), timeout=self.timeout_s) as resp:
-                if resp.status_code != 200: resp.read(); return None, resp, f"HTTP {resp.status_code}: {resp.text[:200]}"
-                pieces, usage, finish, model = [], {}, None, self.model
-                try:
-                    for line in resp.iter_lines():
-                        if not line.startswith("data:"): continue
-                        data = line[5:].strip()
-                        if data == "[DONE]": break
-                        d = json.loads(data)
-                        if d.get("error"): raise UpstreamError(f"{url} failed mid-stream: {d['error'].get('message', d['error'])}", 502)
-                        model, usage = d.get("model", model), d.get("usage") or usage
-                        for ch in d.get("choices") or []:
-                            if piece := (ch.get("delta") or {}).get("content"): pieces.append(piece); on_text(piece)
-                            finish = ch.get("finish_reason") or finish
-                except httpx.HTTPError as e:
-                    if not pieces: raise                          # nothing sent yet: retry
-                    raise UpstreamError(f"{url}: the stream broke after {len(pieces)} pieces ({type(e).__name__}: {e})", 502) from None
-                return ChatResult("".join(pieces), model, usage.get("prompt_tokens", 0), usage.get("completion_tokens", len(pieces)),
-                                  finish or "stop", False, time.time() - t0), resp, ""
-        return self._call(once)
+                for line in resp.iter_lines():
+                    if not line.startswith("data:"): continue
+                    data = line[5:].strip()
+                    if data == "[DONE]": break
+                    d = json.loads(data)
+                    if d.get("error"): raise UpstreamError(f"{url} failed mid-stream: {d['error'].get('message', d['error'])}", 502)
+                    model, usage = d.get("model", model), d.get("usage") or usage
+                    for ch in d.get("choices") or []:
+                        if piece := (ch.get("delta") or {}).get("content"): pieces.append(piece); on_text(piece)
+                        finish = ch.get("finish_reason") or finish
+            except httpx.HTTPError as e:
+                if not pieces: raise                          # nothing sent yet: retry
+                raise UpstreamError(f"{url}: the stream broke after {len(pieces)} pieces ({type(e).__name__}: {e})", 502) from None
+            return ChatResult("".join(pieces), model, usage.get("prompt_tokens", 0), usage.get("completion_tokens", len(pieces)),
+                              finish or "stop", False, time.time() - t0), resp, ""
+    return self._call(once)
 
 # %% ../nbs/00_core.ipynb #89011487
 def make_backend(llm: dict | LLMParams, models: dict | ModelsParams | None = None, core: dict | CoreParams | None = None,

@@ -9,6 +9,8 @@ import collections, concurrent.futures as cf, copy, dataclasses, logging, math, 
 from collections import Counter
 from typing import Any, Callable, Optional
 
+from fastcore.basics import patch
+
 from .core import ChatResult
 
 log = logging.getLogger("llmtwin_nb.engine")
@@ -142,149 +144,164 @@ class RunningBatch:
 # %% ../nbs/06b_engine.ipynb #f5c0e55d
 class StaticScheduler:
     "Static batching (`serve.scheduler: static`): collect a batch, run one left-padded `generate` for it, answer all at once."
-    def _collect(self) -> list[GenJob] | None:
-        try: first = self._next(0.1)
-        except queue.Empty: return None
-        batch = [first]
-        if self.max_batch_size == 1 or self.backend is not None: return batch   # remote: goes out at once
-        wait = self.batch_wait_ms / 1000
-        cap, skipped = time.monotonic() + 5 * wait, []   # wait `wait` after each arrival, 5x `wait` at most
-        while len(batch) < self.max_batch_size:
-            if self._held: j = self._held.popleft()
-            else:
-                left = min(wait, cap - time.monotonic())
-                if left <= 0: break
-                try: j = self._q.get(timeout=left)
-                except queue.Empty: break
-            if j.temperature == first.temperature: batch.append(j)
-            else: skipped.append(j)
-        self._held.extendleft(reversed(skipped))
-        return batch
 
-    def _run_static(self, batch: list[GenJob]):
-        t0 = time.perf_counter()
-        try: results = self._generate(batch)
-        except Exception as e:                   # one failed batch must not stop the worker, nor fail the requests that would work
-            log.warning("generation failed for a batch of %d: %s: %s", len(batch), type(e).__name__, e)
-            with self._lock: self.stats["failed_batches"] += 1
-            if len(batch) == 1: batch[0].future.set_exception(e); return
-            for j in batch:                      # isolate: each request again alone (a stream that already sent text fails)
-                if j.delta is not None and j.delta.sent: j.future.set_exception(e)
-                else: self._run_static([j])
-            return
-        dt = time.perf_counter() - t0
-        self._count(len(batch), dt)
-        for j, r in zip(batch, results): r.seconds = dt; j.future.set_result(r)
+# %% ../nbs/06b_engine.ipynb #76c6ea69
+@patch
+def _collect(self: StaticScheduler) -> list[GenJob] | None:
+    try: first = self._next(0.1)
+    except queue.Empty: return None
+    batch = [first]
+    if self.max_batch_size == 1 or self.backend is not None: return batch   # remote: goes out at once
+    wait = self.batch_wait_ms / 1000
+    cap, skipped = time.monotonic() + 5 * wait, []   # wait `wait` after each arrival, 5x `wait` at most
+    while len(batch) < self.max_batch_size:
+        if self._held: j = self._held.popleft()
+        else:
+            left = min(wait, cap - time.monotonic())
+            if left <= 0: break
+            try: j = self._q.get(timeout=left)
+            except queue.Empty: break
+        if j.temperature == first.temperature: batch.append(j)
+        else: skipped.append(j)
+    self._held.extendleft(reversed(skipped))
+    return batch
 
-    def _generate(self, jobs: list[GenJob]) -> list[ChatResult]:
-        import torch
-        for j in jobs: self._check(j, "prefill")
-        texts = [self.tok.apply_chat_template(j.messages, add_generation_prompt=True, tokenize=False) for j in jobs]
-        enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        temp = jobs[0].temperature; sample = temp > 0
-        if sample: torch.manual_seed(jobs[0].seed)
-        for j in jobs:
-            if j.on_text: j.delta = TextDelta(self.tok, j.on_text)
-        streamer = BatchStreamer([j.delta for j in jobs], self.eos_ids, [j.max_new_tokens for j in jobs]) if any(j.on_text for j in jobs) else None
-        with torch.inference_mode():
-            out = self.model.generate(**enc, max_new_tokens=max(j.max_new_tokens for j in jobs), do_sample=sample,
-                                      temperature=temp if sample else None, top_p=None, top_k=None,
-                                      pad_token_id=self.tok.pad_token_id, streamer=streamer)
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
-        plens = enc["attention_mask"].sum(1).tolist()
-        results = []
-        for j, row, plen in zip(jobs, new, plens):
-            row = row[:j.max_new_tokens]
-            stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
-            toks = row if stop is None else row[:stop]
-            finish = "stop" if stop is not None else "length"
-            results.append(r := ChatResult(self.tok.decode(toks, skip_special_tokens=True).strip(), self.name, int(plen),
-                                           len(toks) + (stop is not None), finish))
-            r.token_ids = toks
-        return results
+# %% ../nbs/06b_engine.ipynb #dbe778b4
+@patch
+def _run_static(self: StaticScheduler, batch: list[GenJob]):
+    t0 = time.perf_counter()
+    try: results = self._generate(batch)
+    except Exception as e:                   # one failed batch must not stop the worker, nor fail the requests that would work
+        log.warning("generation failed for a batch of %d: %s: %s", len(batch), type(e).__name__, e)
+        with self._lock: self.stats["failed_batches"] += 1
+        if len(batch) == 1: batch[0].future.set_exception(e); return
+        for j in batch:                      # isolate: each request again alone (a stream that already sent text fails)
+            if j.delta is not None and j.delta.sent: j.future.set_exception(e)
+            else: self._run_static([j])
+        return
+    dt = time.perf_counter() - t0
+    self._count(len(batch), dt)
+    for j, r in zip(batch, results): r.seconds = dt; j.future.set_result(r)
+
+@patch
+def _generate(self: StaticScheduler, jobs: list[GenJob]) -> list[ChatResult]:
+    import torch
+    for j in jobs: self._check(j, "prefill")
+    texts = [self.tok.apply_chat_template(j.messages, add_generation_prompt=True, tokenize=False) for j in jobs]
+    enc = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
+    temp = jobs[0].temperature; sample = temp > 0
+    if sample: torch.manual_seed(jobs[0].seed)
+    for j in jobs:
+        if j.on_text: j.delta = TextDelta(self.tok, j.on_text)
+    streamer = BatchStreamer([j.delta for j in jobs], self.eos_ids, [j.max_new_tokens for j in jobs]) if any(j.on_text for j in jobs) else None
+    with torch.inference_mode():
+        out = self.model.generate(**enc, max_new_tokens=max(j.max_new_tokens for j in jobs), do_sample=sample,
+                                  temperature=temp if sample else None, top_p=None, top_k=None,
+                                  pad_token_id=self.tok.pad_token_id, streamer=streamer)
+    new = out[:, enc["input_ids"].shape[1]:].tolist()
+    plens = enc["attention_mask"].sum(1).tolist()
+    results = []
+    for j, row, plen in zip(jobs, new, plens):
+        row = row[:j.max_new_tokens]
+        stop = next((i for i, t in enumerate(row) if t in self.eos_ids), None)
+        toks = row if stop is None else row[:stop]
+        finish = "stop" if stop is not None else "length"
+        results.append(r := ChatResult(self.tok.decode(toks, skip_special_tokens=True).strip(), self.name, int(plen),
+                                       len(toks) + (stop is not None), finish))
+        r.token_ids = toks
+    return results
 
 # %% ../nbs/06b_engine.ipynb #8bde9bc6
 class ContinuousScheduler:
     """Continuous (iteration-level) batching, the default: every step, the waiting requests are prefilled together and join
     the running batch; then one token is decoded for every row; a row that ends (end of sequence, its own `max_tokens`, or an
     error) leaves at once and its answer goes back. Greedy outputs equal unbatched greedy decoding of each request."""
-    def _admit(self, batch: RunningBatch):
-        "Take the waiting requests (while there is room), prefill them together, and merge the ones that go on into the batch."
-        import torch
-        rows, prompts = [], []
-        while len(batch) + len(rows) < self.max_batch_size:
-            try: j = self._next(0.1 if not len(batch) and not rows else 0)   # idle: wait for work; busy: take what is there
-            except queue.Empty: break
-            if not j.future.set_running_or_notify_cancel(): continue
-            try:
-                self._check(j, "prefill")
-                text = self.tok.apply_chat_template(j.messages, add_generation_prompt=True, tokenize=False)
-                prompts.append(self.tok(text, add_special_tokens=False)["input_ids"])
-                rows.append(row := DecodeRow(j, len(prompts[-1]), time.perf_counter()))
-                if j.temperature > 0: row.gen = torch.Generator(device=self.model.device).manual_seed(j.seed)
-                if j.on_text: j.delta = TextDelta(self.tok, j.on_text)
-            except Exception as e:
-                if rows and rows[-1].job is j: rows.pop(); prompts.pop()
-                self._fail(j, e)
-        if not rows: return
+
+# %% ../nbs/06b_engine.ipynb #a7d83c84
+@patch
+def _admit(self: ContinuousScheduler, batch: RunningBatch):
+    "Take the waiting requests (while there is room), prefill them together, and merge the ones that go on into the batch."
+    import torch
+    rows, prompts = [], []
+    while len(batch) + len(rows) < self.max_batch_size:
+        try: j = self._next(0.1 if not len(batch) and not rows else 0)   # idle: wait for work; busy: take what is there
+        except queue.Empty: break
+        if not j.future.set_running_or_notify_cancel(): continue
         try:
-            with torch.inference_mode(): cache, mask, logits = batch.prefill(prompts)
-        except Exception as e:                      # the shared prefill broke: each newcomer fails (the running rows go on)
-            for r in rows: self._fail(r.job, e)
-            return
-        keep = [i for i, (r, lg) in enumerate(zip(rows, logits)) if self._advance(r, lg, "prefill")]
-        if len(keep) < len(rows):
-            if not keep: return
-            t = torch.tensor(keep, device=mask.device); cache.batch_select_indices(t); mask = mask[t]
-            first = int(mask.any(0).long().argmax())
-            if first:
-                for l in cache.layers: l.keys, l.values = l.keys[..., first:, :], l.values[..., first:, :]
-                mask = mask[:, first:]
-        batch.join([rows[i] for i in keep], cache, mask)
+            self._check(j, "prefill")
+            text = self.tok.apply_chat_template(j.messages, add_generation_prompt=True, tokenize=False)
+            prompts.append(self.tok(text, add_special_tokens=False)["input_ids"])
+            rows.append(row := DecodeRow(j, len(prompts[-1]), time.perf_counter()))
+            if j.temperature > 0: row.gen = torch.Generator(device=self.model.device).manual_seed(j.seed)
+            if j.on_text: j.delta = TextDelta(self.tok, j.on_text)
+        except Exception as e:
+            if rows and rows[-1].job is j: rows.pop(); prompts.pop()
+            self._fail(j, e)
+    if not rows: return
+    try:
+        with torch.inference_mode(): cache, mask, logits = batch.prefill(prompts)
+    except Exception as e:                      # the shared prefill broke: each newcomer fails (the running rows go on)
+        for r in rows: self._fail(r.job, e)
+        return
+    keep = [i for i, (r, lg) in enumerate(zip(rows, logits)) if self._advance(r, lg, "prefill")]
+    if len(keep) < len(rows):
+        if not keep: return
+        t = torch.tensor(keep, device=mask.device); cache.batch_select_indices(t); mask = mask[t]
+        first = int(mask.any(0).long().argmax())
+        if first:
+            for l in cache.layers: l.keys, l.values = l.keys[..., first:, :], l.values[..., first:, :]
+            mask = mask[:, first:]
+    batch.join([rows[i] for i in keep], cache, mask)
 
-    def _advance(self, row: DecodeRow, logits, phase: str) -> bool:
-        "Pick the row's next token; False when the request is finished (answered) or failed (its error set), True to go on."
-        import torch
-        j = row.job
+# %% ../nbs/06b_engine.ipynb #7d4fde3c
+@patch
+def _advance(self: ContinuousScheduler, row: DecodeRow, logits, phase: str) -> bool:
+    "Pick the row's next token; False when the request is finished (answered) or failed (its error set), True to go on."
+    import torch
+    j = row.job
+    try:
+        if phase != "prefill": self._check(j, phase)
+        if j.temperature > 0: t = int(torch.multinomial(torch.softmax(logits / j.temperature, -1), 1, generator=row.gen))
+        else: t = int(logits.argmax())
+        if t in self.eos_ids: return self._finish(row, "stop")
+        row.toks.append(t)
+        if j.delta is not None: j.delta.add(t)
+        return self._finish(row, "length") if len(row.toks) >= j.max_new_tokens else True
+    except Exception as e: self._fail(j, e); return False
+
+@patch
+def _finish(self: ContinuousScheduler, row: DecodeRow, reason: str) -> bool:
+    r = ChatResult(self.tok.decode(row.toks, skip_special_tokens=True).strip(), self.name, row.plen,
+                   len(row.toks) + (reason == "stop"), reason)
+    r.seconds, r.token_ids = time.perf_counter() - row.t0, list(row.toks)
+    with self._lock: self.stats["requests"] += 1
+    row.job.future.set_result(r); return False
+
+@patch
+def _fail(self: ContinuousScheduler, j: GenJob, e: Exception):
+    log.warning("request failed alone: %s: %s", type(e).__name__, e)
+    with self._lock: self.stats["failed_batches"] += 1
+    if not j.future.done(): j.future.set_exception(e)
+
+# %% ../nbs/06b_engine.ipynb #9c5810c6
+@patch
+def _loop_continuous(self: ContinuousScheduler):
+    import torch
+    batch = RunningBatch(self.model)
+    while not self._stop.is_set():
+        self._admit(batch)
+        if not len(batch): continue
+        t0 = time.perf_counter()
         try:
-            if phase != "prefill": self._check(j, phase)
-            if j.temperature > 0: t = int(torch.multinomial(torch.softmax(logits / j.temperature, -1), 1, generator=row.gen))
-            else: t = int(logits.argmax())
-            if t in self.eos_ids: return self._finish(row, "stop")
-            row.toks.append(t)
-            if j.delta is not None: j.delta.add(t)
-            return self._finish(row, "length") if len(row.toks) >= j.max_new_tokens else True
-        except Exception as e: self._fail(j, e); return False
-
-    def _finish(self, row: DecodeRow, reason: str) -> bool:
-        r = ChatResult(self.tok.decode(row.toks, skip_special_tokens=True).strip(), self.name, row.plen,
-                       len(row.toks) + (reason == "stop"), reason)
-        r.seconds, r.token_ids = time.perf_counter() - row.t0, list(row.toks)
-        with self._lock: self.stats["requests"] += 1
-        row.job.future.set_result(r); return False
-
-    def _fail(self, j: GenJob, e: Exception):
-        log.warning("request failed alone: %s: %s", type(e).__name__, e)
-        with self._lock: self.stats["failed_batches"] += 1
-        if not j.future.done(): j.future.set_exception(e)
-
-    def _loop_continuous(self):
-        import torch
-        batch = RunningBatch(self.model)
-        while not self._stop.is_set():
-            self._admit(batch)
-            if not len(batch): continue
-            t0 = time.perf_counter()
-            try:
-                with torch.inference_mode(): logits = batch.step()
-            except Exception as e:                  # the shared forward pass broke: every row in it fails, the worker goes on
-                log.exception("decoding step failed for %d requests", len(batch))
-                for r in batch.rows: self._fail(r.job, e)
-                batch.keep([]); continue
-            keep = [i for i, (r, lg) in enumerate(zip(batch.rows, logits)) if self._advance(r, lg, "decode")]
-            self._count(len(batch), time.perf_counter() - t0, requests=0)
-            batch.keep(keep)
-        for r in batch.rows: self._fail(r.job, RuntimeError("the engine stopped"))
+            with torch.inference_mode(): logits = batch.step()
+        except Exception as e:                  # the shared forward pass broke: every row in it fails, the worker goes on
+            log.exception("decoding step failed for %d requests", len(batch))
+            for r in batch.rows: self._fail(r.job, e)
+            batch.keep([]); continue
+        keep = [i for i, (r, lg) in enumerate(zip(batch.rows, logits)) if self._advance(r, lg, "decode")]
+        self._count(len(batch), time.perf_counter() - t0, requests=0)
+        batch.keep(keep)
+    for r in batch.rows: self._fail(r.job, RuntimeError("the engine stopped"))
 
 # %% ../nbs/06b_engine.ipynb #bbd35682
 class UpstreamDispatch:
@@ -346,61 +363,87 @@ class BatchEngine(ContinuousScheduler, StaticScheduler, UpstreamDispatch):
         self.on_batch: Callable[[int, float], None] | None = None     # called with (batch size, seconds) after each batch or step (metrics)
         self._pool = None                     # openai backend: one thread per request in flight (created on first use)
 
-    def start(self) -> "BatchEngine":
-        if self._thread is None or not self._thread.is_alive():
-            self._stop.clear()
-            loop = self._loop_continuous if self.scheduler == "continuous" and self.backend is None else self._loop
-            self._thread = threading.Thread(target=loop, name="llmtwin-batcher", daemon=True); self._thread.start()
-        return self
-    def stop(self):
-        self._stop.set()
-        if self._thread: self._thread.join(timeout=30)
-        if self._pool: self._pool.shutdown(wait=False, cancel_futures=True); self._pool = None
-    def use(self, scheduler: str) -> "BatchEngine":
-        "Switch scheduler (the worker restarts; requests in flight finish or fail, queued ones wait for the new worker)."
-        if scheduler not in ("continuous", "static"): raise ValueError(f"scheduler must be continuous or static, got {scheduler!r}")
-        self.stop(); self.scheduler = scheduler; return self.start()
-    @property
-    def inflight(self) -> int: return self._inflight
+# %% ../nbs/06b_engine.ipynb #fbbb424a
+@patch
+def start(self: BatchEngine) -> "BatchEngine":
+    if self._thread is None or not self._thread.is_alive():
+        self._stop.clear()
+        loop = self._loop_continuous if self.scheduler == "continuous" and self.backend is None else self._loop
+        self._thread = threading.Thread(target=loop, name="llmtwin-batcher", daemon=True); self._thread.start()
+    return self
 
-    def count_prompt_tokens(self, messages: list[dict]) -> int:
-        "Tokens of the templated prompt (an estimate of 4 characters a token for a remote backend)."
-        if self.tok is None: return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
-        with self.tok_lock: return len(self.count_tok(self.prompt_text(messages), add_special_tokens=False)["input_ids"])
-    def count_tokens(self, text: str) -> int:
-        with self.tok_lock: return len(self.count_tok(text, add_special_tokens=False)["input_ids"])
-    def prompt_text(self, messages: list[dict]) -> str:
-        "The exact prompt string the model sees (chat template applied): what the trace records."
-        if self.tok is None: return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
-        return self.count_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+@patch
+def stop(self: BatchEngine):
+    self._stop.set()
+    if self._thread: self._thread.join(timeout=30)
+    if self._pool: self._pool.shutdown(wait=False, cancel_futures=True); self._pool = None
 
-    def submit(self, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
-               on_text: Callable[[str], None] | None = None) -> cf.Future:
-        "Queue a generation; the future resolves to a `ChatResult`. Raises `QueueFull` past `max_queue`."
-        with self._lock:
-            if self._inflight >= self.max_queue:
-                self.stats["rejected"] += 1
-                raise QueueFull(f"{self._inflight} requests are queued or running (serve.max_queue = {self.max_queue})")
-            self._inflight += 1
-            fail, self.fail_next = self.fail_next > 0, max(0, self.fail_next - 1)
-        fut = cf.Future()
-        fut.add_done_callback(self._done)
-        self._q.put(GenJob(messages, max_new_tokens, temperature, fut, on_text, self.seed, fail))
-        return fut
-    def _done(self, _):
-        with self._lock: self._inflight -= 1
-    def retry_after_s(self) -> int:
-        "A guess at when a slot frees up: the queue ahead times the mean engine time per request."
-        per = self.batch_seconds / max(1, self.stats["requests"]) if self.stats["requests"] else 1.0
-        return max(1, math.ceil(per * self._inflight / max(1, self.max_batch_size)))
-    def _next(self, timeout):
-        if self._held: return self._held.popleft()
-        return self._q.get(timeout=timeout)
-    def _count(self, size: int, dt: float, requests: int | None = None):
-        with self._lock:
-            self.stats["batches"] += 1; self.stats["requests"] += size if requests is None else requests
-            self.batch_sizes[size] += 1; self.batch_seconds += dt
-        if self.on_batch: self.on_batch(size, dt)
-    def _check(self, j: GenJob, phase: str):
-        if j.fail: raise RuntimeError("injected generation failure (BatchEngine.fail_next)")
-        if self.fault is not None: self.fault(j, phase)
+@patch
+def use(self: BatchEngine, scheduler: str) -> "BatchEngine":
+    "Switch scheduler (the worker restarts; requests in flight finish or fail, queued ones wait for the new worker)."
+    if scheduler not in ("continuous", "static"): raise ValueError(f"scheduler must be continuous or static, got {scheduler!r}")
+    self.stop(); self.scheduler = scheduler; return self.start()
+
+@patch(as_prop=True)
+def inflight(self: BatchEngine) -> int: return self._inflight
+
+# %% ../nbs/06b_engine.ipynb #6ec165fa
+@patch
+def count_prompt_tokens(self: BatchEngine, messages: list[dict]) -> int:
+    "Tokens of the templated prompt (an estimate of 4 characters a token for a remote backend)."
+    if self.tok is None: return sum(len(m["content"]) for m in messages) // 4 + 4 * len(messages)
+    with self.tok_lock: return len(self.count_tok(self.prompt_text(messages), add_special_tokens=False)["input_ids"])
+
+@patch
+def count_tokens(self: BatchEngine, text: str) -> int:
+    with self.tok_lock: return len(self.count_tok(text, add_special_tokens=False)["input_ids"])
+
+@patch
+def prompt_text(self: BatchEngine, messages: list[dict]) -> str:
+    "The exact prompt string the model sees (chat template applied): what the trace records."
+    if self.tok is None: return "\n".join(f"{m['role']}: {m['content']}" for m in messages)
+    return self.count_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+# %% ../nbs/06b_engine.ipynb #87f12ba8
+@patch
+def submit(self: BatchEngine, messages: list[dict], max_new_tokens: int, temperature: float = 0.0,
+           on_text: Callable[[str], None] | None = None) -> cf.Future:
+    "Queue a generation; the future resolves to a `ChatResult`. Raises `QueueFull` past `max_queue`."
+    with self._lock:
+        if self._inflight >= self.max_queue:
+            self.stats["rejected"] += 1
+            raise QueueFull(f"{self._inflight} requests are queued or running (serve.max_queue = {self.max_queue})")
+        self._inflight += 1
+        fail, self.fail_next = self.fail_next > 0, max(0, self.fail_next - 1)
+    fut = cf.Future()
+    fut.add_done_callback(self._done)
+    self._q.put(GenJob(messages, max_new_tokens, temperature, fut, on_text, self.seed, fail))
+    return fut
+
+@patch
+def _done(self: BatchEngine, _):
+    with self._lock: self._inflight -= 1
+
+@patch
+def retry_after_s(self: BatchEngine) -> int:
+    "A guess at when a slot frees up: the queue ahead times the mean engine time per request."
+    per = self.batch_seconds / max(1, self.stats["requests"]) if self.stats["requests"] else 1.0
+    return max(1, math.ceil(per * self._inflight / max(1, self.max_batch_size)))
+
+# %% ../nbs/06b_engine.ipynb #05f6f266
+@patch
+def _next(self: BatchEngine, timeout):
+    if self._held: return self._held.popleft()
+    return self._q.get(timeout=timeout)
+
+@patch
+def _count(self: BatchEngine, size: int, dt: float, requests: int | None = None):
+    with self._lock:
+        self.stats["batches"] += 1; self.stats["requests"] += size if requests is None else requests
+        self.batch_sizes[size] += 1; self.batch_seconds += dt
+    if self.on_batch: self.on_batch(size, dt)
+
+@patch
+def _check(self: BatchEngine, j: GenJob, phase: str):
+    if j.fail: raise RuntimeError("injected generation failure (BatchEngine.fail_next)")
+    if self.fault is not None: self.fault(j, phase)

@@ -13,6 +13,7 @@ from typing import Literal, Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastcore.basics import patch
 from pydantic import BaseModel, Field, model_validator
 
 from .core import (ChatResult, OpenAIChatBackend, ParamsError, Section, UpstreamError, get_paths, load_llm, register_params,
@@ -180,161 +181,183 @@ class ServeState:
         self.traces = TraceIndex(tracer.path)
         self.index_error, self.started, self.lock = index_error, time.time(), threading.Lock()
 
-    @property
-    def engine(self) -> BatchEngine: return next(iter(self.variants.values())).engine        # the first (with one variant: the) engine
-    @property
-    def engines(self) -> dict[str, BatchEngine]: return {n: v.engine for n, v in self.variants.items()}
-    @property
-    def model_ref(self) -> str: return next(iter(self.variants.values())).model_ref
-    @property
-    def model_ids(self) -> list[str]: return [self.cfg.served_name, f"{self.cfg.served_name}-rag"]
+# %% ../nbs/07_serving.ipynb #3c8b03aa
+@patch(as_prop=True)
+def engine(self: ServeState) -> BatchEngine: return next(iter(self.variants.values())).engine        # the first (with one variant: the) engine
 
-    def check_auth(self, request: Request):
-        key = os.environ.get(self.cfg.api_key_env)
-        if not key: return
-        got = request.headers.get("authorization", "")
-        if got != f"Bearer {key}":
-            raise ApiError(401, f"{'wrong' if got else 'missing'} API key: send the header `Authorization: Bearer <key>` "
-                                f"(the server reads the key from ${self.cfg.api_key_env})", type="authentication_error", code="invalid_api_key")
+@patch(as_prop=True)
+def engines(self: ServeState) -> dict[str, BatchEngine]: return {n: v.engine for n, v in self.variants.items()}
 
-    def assign(self, user: str | None, request: Request, trace_id: str) -> tuple[Variant, str | None]:
-        "The variant for this request: by the body's `user`, else the `X-User` header, else (not sticky) the trace id."
-        key = user or request.headers.get("x-user") or None
-        name, v = self.ab.route(key or trace_id)
-        return v, key
+@patch(as_prop=True)
+def model_ref(self: ServeState) -> str: return next(iter(self.variants.values())).model_ref
 
-    def guard_input(self, texts: list[str]) -> tuple[list[str], dict]:
-        "Mask PII in `texts` and look for injection patterns; returns masked texts and the flags."
-        pii, inj = Counter(), []
-        out = []
-        for t in texts:
-            if self.cfg.pii_mask: t, n = mask_pii(t); pii.update(n)
-            inj += find_injection(t); out.append(t)
-        flags = {"pii_masked_in": dict(pii), "injection": sorted(set(inj))}
-        if inj:
-            log.warning("prompt-injection patterns %s in a request", flags["injection"])
-            if self.cfg.injection_action == "refuse":
-                raise ApiError(400, f"the request looks like a prompt injection ({', '.join(flags['injection'])}); rephrase it as a question",
-                               code="prompt_injection_detected")
-        return out, flags
+@patch(as_prop=True)
+def model_ids(self: ServeState) -> list[str]: return [self.cfg.served_name, f"{self.cfg.served_name}-rag"]
 
-    def template_vars(self) -> dict:
-        "Values every template may use besides the question and context: `{author}` (data.author)."
-        return {"author": self.author or "the author"}
+# %% ../nbs/07_serving.ipynb #cc93ac41
+@patch
+def check_auth(self: ServeState, request: Request):
+    key = os.environ.get(self.cfg.api_key_env)
+    if not key: return
+    got = request.headers.get("authorization", "")
+    if got != f"Bearer {key}":
+        raise ApiError(401, f"{'wrong' if got else 'missing'} API key: send the header `Authorization: Bearer <key>` "
+                            f"(the server reads the key from ${self.cfg.api_key_env})", type="authentication_error", code="invalid_api_key")
 
-    def max_new(self, *asked: int | None) -> int:
-        n = next((a for a in asked if a is not None), self.cfg.default_max_tokens)
-        if n > self.cfg.max_new_tokens:
-            raise ApiError(400, f"max_tokens = {n} is over this server's limit of {self.cfg.max_new_tokens} (serve.max_new_tokens); ask for at most {self.cfg.max_new_tokens}",
-                           param="max_tokens", code="max_tokens_too_large")
-        return n
+@patch
+def assign(self: ServeState, user: str | None, request: Request, trace_id: str) -> tuple[Variant, str | None]:
+    "The variant for this request: by the body's `user`, else the `X-User` header, else (not sticky) the trace id."
+    key = user or request.headers.get("x-user") or None
+    name, v = self.ab.route(key or trace_id)
+    return v, key
 
-    def retrieve(self, question: str, k: int | None = None, engine: BatchEngine | None = None) -> tuple[str, list[Source], list[str]]:
-        if self.retriever is None:
-            raise ApiError(503, f"retrieval is unavailable: {self.index_error}", type="server_error", code="index_unavailable")
-        engine = engine or self.engine
-        with self.lock:                   # one query at a time: the embedded Qdrant client and the tokenizers are shared
-            try: hits = self.retriever.retrieve(question, k or self.cfg.top_k)
-            except ValueError as e: raise ApiError(400, f"cannot search for this question: {e}", param="question", code="bad_query") from None
-            with engine.tok_lock: ctx, kept = self.retriever.assemble_context(hits, self.cfg.context_tokens, engine.count_tok)
-        return ctx, kept, sorted({f for h in kept for f in find_injection(h.text)})
+# %% ../nbs/07_serving.ipynb #5f33e25d
+@patch
+def guard_input(self: ServeState, texts: list[str]) -> tuple[list[str], dict]:
+    "Mask PII in `texts` and look for injection patterns; returns masked texts and the flags."
+    pii, inj = Counter(), []
+    out = []
+    for t in texts:
+        if self.cfg.pii_mask: t, n = mask_pii(t); pii.update(n)
+        inj += find_injection(t); out.append(t)
+    flags = {"pii_masked_in": dict(pii), "injection": sorted(set(inj))}
+    if inj:
+        log.warning("prompt-injection patterns %s in a request", flags["injection"])
+        if self.cfg.injection_action == "refuse":
+            raise ApiError(400, f"the request looks like a prompt injection ({', '.join(flags['injection'])}); rephrase it as a question",
+                           code="prompt_injection_detected")
+    return out, flags
 
-    def prepare(self, messages: list[dict], rag: bool, max_new_tokens: int, temperature: float, variant: Variant | None = None,
+@patch
+def template_vars(self: ServeState) -> dict:
+    "Values every template may use besides the question and context: `{author}` (data.author)."
+    return {"author": self.author or "the author"}
+
+@patch
+def max_new(self: ServeState, *asked: int | None) -> int:
+    n = next((a for a in asked if a is not None), self.cfg.default_max_tokens)
+    if n > self.cfg.max_new_tokens:
+        raise ApiError(400, f"max_tokens = {n} is over this server's limit of {self.cfg.max_new_tokens} (serve.max_new_tokens); ask for at most {self.cfg.max_new_tokens}",
+                       param="max_tokens", code="max_tokens_too_large")
+    return n
+
+# %% ../nbs/07_serving.ipynb #d49ed837
+@patch
+def retrieve(self: ServeState, question: str, k: int | None = None, engine: BatchEngine | None = None) -> tuple[str, list[Source], list[str]]:
+    if self.retriever is None:
+        raise ApiError(503, f"retrieval is unavailable: {self.index_error}", type="server_error", code="index_unavailable")
+    engine = engine or self.engine
+    with self.lock:                   # one query at a time: the embedded Qdrant client and the tokenizers are shared
+        try: hits = self.retriever.retrieve(question, k or self.cfg.top_k)
+        except ValueError as e: raise ApiError(400, f"cannot search for this question: {e}", param="question", code="bad_query") from None
+        with engine.tok_lock: ctx, kept = self.retriever.assemble_context(hits, self.cfg.context_tokens, engine.count_tok)
+    return ctx, kept, sorted({f for h in kept for f in find_injection(h.text)})
+
+# %% ../nbs/07_serving.ipynb #bdc46caa
+@patch
+def prepare(self: ServeState, messages: list[dict], rag: bool, max_new_tokens: int, temperature: float, variant: Variant | None = None,
+            user: str | None = None) -> Prepared:
+    variant = variant or next(iter(self.variants.values()))
+    if not messages:
+        raise ApiError(400, "`messages` is empty: send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hi\"}]", param="messages", code="empty_messages")
+    texts, flags = self.guard_input([m["content"] for m in messages])
+    msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": t} for m, t in zip(messages, texts)]
+    users = [m["content"] for m in msgs if m["role"] == "user"]
+    if not users or not users[-1].strip():
+        raise ApiError(400, "the conversation needs a non-empty user message (role `user`) to answer", param="messages", code="no_user_message")
+    question, sources, template_id = users[-1], [], "chat"
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
+    if rag:
+        ctx, sources, ctx_flags = self.retrieve(question, engine=variant.engine)
+        flags["injection_in_sources"] = ctx_flags
+        msgs = self.rag_template.render(question=question, context=ctx, history=msgs[:last], **self.template_vars())
+        template_id = self.rag_template.template_id
+    elif self.chat_template is not None and not any(m["role"] == "system" for m in msgs):
+        # no system message: the twin's training-time system prompt, with the author's name from data.author
+        msgs = self.chat_template.render(question=question, history=msgs[:last], **self.template_vars()) + msgs[last + 1:]
+        template_id = self.chat_template.template_id
+    n = variant.engine.count_prompt_tokens(msgs)
+    if n > self.cfg.max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {n} tokens, over the limit of {self.cfg.max_prompt_tokens} (serve.max_prompt_tokens): "
+                            "shorten or drop earlier messages", param="messages", code="context_length_exceeded")
+    return Prepared(msgs, question, sources, n, max_new_tokens, temperature, flags, variant, template_id, user)
+
+@patch
+def prepare_rag(self: ServeState, question: str, k: int | None, max_new_tokens: int, temperature: float, variant: Variant | None = None,
                 user: str | None = None) -> Prepared:
-        variant = variant or next(iter(self.variants.values()))
-        if not messages:
-            raise ApiError(400, "`messages` is empty: send at least one message, e.g. [{\"role\": \"user\", \"content\": \"Hi\"}]", param="messages", code="empty_messages")
-        texts, flags = self.guard_input([m["content"] for m in messages])
-        msgs = [{"role": "system" if m["role"] == "developer" else m["role"], "content": t} for m, t in zip(messages, texts)]
-        users = [m["content"] for m in msgs if m["role"] == "user"]
-        if not users or not users[-1].strip():
-            raise ApiError(400, "the conversation needs a non-empty user message (role `user`) to answer", param="messages", code="no_user_message")
-        question, sources, template_id = users[-1], [], "chat"
-        last = max(i for i, m in enumerate(msgs) if m["role"] == "user")
-        if rag:
-            ctx, sources, ctx_flags = self.retrieve(question, engine=variant.engine)
-            flags["injection_in_sources"] = ctx_flags
-            msgs = self.rag_template.render(question=question, context=ctx, history=msgs[:last], **self.template_vars())
-            template_id = self.rag_template.template_id
-        elif self.chat_template is not None and not any(m["role"] == "system" for m in msgs):
-            # no system message: the twin's training-time system prompt, with the author's name from data.author
-            msgs = self.chat_template.render(question=question, history=msgs[:last], **self.template_vars()) + msgs[last + 1:]
-            template_id = self.chat_template.template_id
-        n = variant.engine.count_prompt_tokens(msgs)
-        if n > self.cfg.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {n} tokens, over the limit of {self.cfg.max_prompt_tokens} (serve.max_prompt_tokens): "
-                                "shorten or drop earlier messages", param="messages", code="context_length_exceeded")
-        return Prepared(msgs, question, sources, n, max_new_tokens, temperature, flags, variant, template_id, user)
+    variant = variant or next(iter(self.variants.values()))
+    texts, flags = self.guard_input([question])
+    ctx, sources, ctx_flags = self.retrieve(texts[0], k, variant.engine)
+    msgs = self.rag_template.render(question=texts[0], context=ctx, **self.template_vars())
+    n = variant.engine.count_prompt_tokens(msgs)
+    if n > self.cfg.max_prompt_tokens:
+        raise ApiError(400, f"the prompt has {n} tokens, over the limit of {self.cfg.max_prompt_tokens} (serve.max_prompt_tokens): "
+                            "ask a shorter question or a smaller k", param="question", code="context_length_exceeded")
+    return Prepared(msgs, texts[0], sources, n, max_new_tokens, temperature, {**flags, "injection_in_sources": ctx_flags},
+                    variant, self.rag_template.template_id, user)
 
-    def prepare_rag(self, question: str, k: int | None, max_new_tokens: int, temperature: float, variant: Variant | None = None,
-                    user: str | None = None) -> Prepared:
-        variant = variant or next(iter(self.variants.values()))
-        texts, flags = self.guard_input([question])
-        ctx, sources, ctx_flags = self.retrieve(texts[0], k, variant.engine)
-        msgs = self.rag_template.render(question=texts[0], context=ctx, **self.template_vars())
-        n = variant.engine.count_prompt_tokens(msgs)
-        if n > self.cfg.max_prompt_tokens:
-            raise ApiError(400, f"the prompt has {n} tokens, over the limit of {self.cfg.max_prompt_tokens} (serve.max_prompt_tokens): "
-                                "ask a shorter question or a smaller k", param="question", code="context_length_exceeded")
-        return Prepared(msgs, texts[0], sources, n, max_new_tokens, temperature, {**flags, "injection_in_sources": ctx_flags},
-                        variant, self.rag_template.template_id, user)
+# %% ../nbs/07_serving.ipynb #5a91608d
+@patch
+def submit(self: ServeState, p: Prepared, on_text=None, engine: BatchEngine | None = None) -> cf.Future:
+    "Queue `p` on its variant's engine (or `engine`: the fallback's); `ApiError(429)` when that queue is full."
+    engine = engine or (p.variant.engine if p.variant else self.engine)
+    try: return engine.submit(p.messages, p.max_new_tokens, p.temperature, on_text)
+    except QueueFull as e:
+        ra = engine.retry_after_s()
+        raise ApiError(429, f"server busy: {e}; retry after {ra} s", type="rate_limit_error", code="queue_full",
+                       headers={"Retry-After": str(ra)}) from None
 
-    def submit(self, p: Prepared, on_text=None, engine: BatchEngine | None = None) -> cf.Future:
-        "Queue `p` on its variant's engine (or `engine`: the fallback's); `ApiError(429)` when that queue is full."
-        engine = engine or (p.variant.engine if p.variant else self.engine)
-        try: return engine.submit(p.messages, p.max_new_tokens, p.temperature, on_text)
-        except QueueFull as e:
-            ra = engine.retry_after_s()
-            raise ApiError(429, f"server busy: {e}; retry after {ra} s", type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": str(ra)}) from None
+@patch
+def finish(self: ServeState, r: ChatResult) -> tuple[str, dict]:
+    "Mask PII in the answer."
+    if not self.cfg.pii_mask: return r.text, {}
+    text, n = mask_pii(r.text)
+    return text, dict(n)
 
-    def finish(self, r: ChatResult) -> tuple[str, dict]:
-        "Mask PII in the answer."
-        if not self.cfg.pii_mask: return r.text, {}
-        text, n = mask_pii(r.text)
-        return text, dict(n)
+# %% ../nbs/07_serving.ipynb #0397a906
+@patch
+def trace(self: ServeState, trace_id: str, endpoint: str, model: str, t0: float, p: Prepared | None = None, answer: str | None = None,
+          r: ChatResult | None = None, status: int = 200, error: str | None = None, flags: dict | None = None,
+          fallback: dict | None = None, ttft_s: float | None = None, code: str | None = None):
+    "Write the request's trace record (tokens, cost, fallback, latency) and count it in the metrics."
+    v = p.variant if p and p.variant else None
+    user = p.user if p else None
+    answered_by = (fallback or {}).get("model") or (v.model_ref if v else self.model_ref)
+    ptok = (r.prompt_tokens if r and r.prompt_tokens else p.prompt_tokens if p else 0)      # the engine's count (upstream: its usage)
+    ctok = r.completion_tokens if r else 0
+    cost = self.cfg.cost_usd(answered_by, ptok, ctok) if r else 0.0                            # a failed request is not billed
+    if user and self.cfg.pii_mask: user = mask_pii(user)[0]
+    rec = dict(trace_id=trace_id, ts=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), endpoint=endpoint, model=model,
+               variant=v.name if v else None, backend_model=v.model_ref if v else self.model_ref, user=user,
+               template_id=p.template_id if p else None,
+               question=p.question if p else None, retrieved_ids=[s.id for s in p.sources] if p else [],
+               retrieved_doc_ids=[s.doc_id for s in p.sources] if p else [],
+               prompt=(v.engine if v else self.engine).prompt_text(p.messages) if p else None, answer=answer,
+               latency_ms=round((time.perf_counter() - t0) * 1000, 1), ttft_ms=round(ttft_s * 1000, 1) if ttft_s is not None else None,
+               prompt_tokens=ptok, completion_tokens=ctok, cost_usd=cost, answered_by=answered_by, fallback=fallback,
+               finish_reason=r.finish_reason if r else None, status=status, error=error, error_code=code,
+               flags={**(p.flags if p else {}), **(flags or {})})
+    try: self.tracer.write(rec)
+    except OSError: log.exception("could not write the trace %s", trace_id)
+    self.metrics.observe(rec)
 
-    def trace(self, trace_id: str, endpoint: str, model: str, t0: float, p: Prepared | None = None, answer: str | None = None,
-              r: ChatResult | None = None, status: int = 200, error: str | None = None, flags: dict | None = None,
-              fallback: dict | None = None, ttft_s: float | None = None, code: str | None = None):
-        "Write the request's trace record (tokens, cost, fallback, latency) and count it in the metrics."
-        v = p.variant if p and p.variant else None
-        user = p.user if p else None
-        answered_by = (fallback or {}).get("model") or (v.model_ref if v else self.model_ref)
-        ptok = (r.prompt_tokens if r and r.prompt_tokens else p.prompt_tokens if p else 0)      # the engine's count (upstream: its usage)
-        ctok = r.completion_tokens if r else 0
-        cost = self.cfg.cost_usd(answered_by, ptok, ctok) if r else 0.0                            # a failed request is not billed
-        if user and self.cfg.pii_mask: user = mask_pii(user)[0]
-        rec = dict(trace_id=trace_id, ts=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), endpoint=endpoint, model=model,
-                   variant=v.name if v else None, backend_model=v.model_ref if v else self.model_ref, user=user,
-                   template_id=p.template_id if p else None,
-                   question=p.question if p else None, retrieved_ids=[s.id for s in p.sources] if p else [],
-                   retrieved_doc_ids=[s.doc_id for s in p.sources] if p else [],
-                   prompt=(v.engine if v else self.engine).prompt_text(p.messages) if p else None, answer=answer,
-                   latency_ms=round((time.perf_counter() - t0) * 1000, 1), ttft_ms=round(ttft_s * 1000, 1) if ttft_s is not None else None,
-                   prompt_tokens=ptok, completion_tokens=ctok, cost_usd=cost, answered_by=answered_by, fallback=fallback,
-                   finish_reason=r.finish_reason if r else None, status=status, error=error, error_code=code,
-                   flags={**(p.flags if p else {}), **(flags or {})})
-        try: self.tracer.write(rec)
-        except OSError: log.exception("could not write the trace %s", trace_id)
-        self.metrics.observe(rec)
-
-    def store_feedback(self, fb: FeedbackIn) -> dict:
-        "Check the trace id, mask PII in the free text, append to the feedback log; the stored record."
-        tid = fb.trace_id.removeprefix("chatcmpl-")
-        trace = self.traces.get(tid)
-        if not trace:
-            raise ApiError(404, f"unknown trace_id `{fb.trace_id}`: send the trace id the service returned with the answer "
-                                "(`trace_id` of /rag, or the `X-Trace-Id` header / `chatcmpl-` id of chat completions)",
-                           param="trace_id", code="trace_not_found")
-        mask = (lambda t: mask_pii(t) if t is not None else (None, {})) if self.cfg.pii_mask else (lambda t: (t, {}))
-        text, pii = mask(fb.corrected_text)
-        comment, _ = mask(fb.comment)
-        user = fb.user or trace.get("user")
-        rec = dict(trace_id=tid, rating=normalize_rating(fb.rating), rating_raw=fb.rating, corrected_text=text,
-                   user=mask(user)[0] if user else None, comment=comment, pii_masked=dict(pii))
-        rec.update({k: trace.get(k) for k in ("variant", "template_id", "model", "backend_model") if trace.get(k) is not None})
-        return self.feedback.append(rec)
+@patch
+def store_feedback(self: ServeState, fb: FeedbackIn) -> dict:
+    "Check the trace id, mask PII in the free text, append to the feedback log; the stored record."
+    tid = fb.trace_id.removeprefix("chatcmpl-")
+    trace = self.traces.get(tid)
+    if not trace:
+        raise ApiError(404, f"unknown trace_id `{fb.trace_id}`: send the trace id the service returned with the answer "
+                            "(`trace_id` of /rag, or the `X-Trace-Id` header / `chatcmpl-` id of chat completions)",
+                       param="trace_id", code="trace_not_found")
+    mask = (lambda t: mask_pii(t) if t is not None else (None, {})) if self.cfg.pii_mask else (lambda t: (t, {}))
+    text, pii = mask(fb.corrected_text)
+    comment, _ = mask(fb.comment)
+    user = fb.user or trace.get("user")
+    rec = dict(trace_id=tid, rating=normalize_rating(fb.rating), rating_raw=fb.rating, corrected_text=text,
+               user=mask(user)[0] if user else None, comment=comment, pii_masked=dict(pii))
+    rec.update({k: trace.get(k) for k in ("variant", "template_id", "model", "backend_model") if trace.get(k) is not None})
+    return self.feedback.append(rec)
 
 # %% ../nbs/07_serving.ipynb #145dac02
 def fallback_headers(fb: dict | None) -> dict:
