@@ -16,6 +16,7 @@ from urllib.robotparser import RobotFileParser
 
 import httpx
 from bs4 import BeautifulSoup, Comment, Tag
+from fastcore.basics import patch
 
 _log = logging.getLogger("llmtwin_nb.crawl")
 
@@ -89,72 +90,89 @@ class FixtureSite:
         self.log: list[dict] = []
         self._lock, self._stop, self._server, self._counts = threading.Lock(), threading.Event(), None, {}
 
-    def start(self) -> "FixtureSite":
-        site = self
-        class Handler(BaseHTTPRequestHandler):
-            server_version = "FixtureSite/1.0"
-            def do_GET(self): site._handle(self)
-            def log_message(self, *args): pass
-        self._server = _QuietServer((self.host, 0), Handler)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-        self._thread.start()
-        return self
+# %% ../nbs/01a_crawl.ipynb #ebc58c29
+@patch
+def start(self: FixtureSite) -> "FixtureSite":
+    site = self
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "FixtureSite/1.0"
+        def do_GET(self): site._handle(self)
+        def log_message(self, *args): pass
+    self._server = _QuietServer((self.host, 0), Handler)
+    self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    self._thread.start()
+    return self
 
-    @property
-    def port(self) -> int: return self._server.server_address[1]
-    @property
-    def base_url(self) -> str: return f"http://{self.host}:{self.port}"
-    def url(self, path: str = "/") -> str: return self.base_url + path
-    def hits(self, path: str) -> int:
-        with self._lock: return sum(1 for e in self.log if e["path"] == path)
-    def requests(self, path: str | None = None) -> list[dict]:
-        with self._lock: return [e for e in self.log if path is None or e["path"] == path]
+@patch
+def close(self: FixtureSite):
+    self._stop.set()
+    if self._server is not None:
+        self._server.shutdown(); self._server.server_close()
 
-    def wait_idle(self, path: str | None = None, timeout: float = 5.0):
-        "Wait until the logged requests (to `path`, or all) have finished writing or given up."
-        end = time.monotonic() + timeout
-        while time.monotonic() < end and not all(e["done"] for e in self.requests(path)): time.sleep(0.01)
+@patch
+def __enter__(self: FixtureSite): return self.start()
 
-    def close(self):
-        self._stop.set()
-        if self._server is not None:
-            self._server.shutdown(); self._server.server_close()
+@patch
+def __exit__(self: FixtureSite, *exc): self.close()
 
-    def __enter__(self): return self.start()
-    def __exit__(self, *exc): self.close()
+# %% ../nbs/01a_crawl.ipynb #9974f185
+@patch(as_prop=True)
+def port(self: FixtureSite) -> int: return self._server.server_address[1]
 
-    def _handle(self, h: BaseHTTPRequestHandler):
-        path = urlsplit(h.path).path
-        entry = {"path": path, "target": h.path, "headers": dict(h.headers), "user_agent": h.headers.get("User-Agent"),
-                 "t": time.monotonic(), "status": None, "bytes_sent": 0, "done": False}
-        with self._lock:
-            self.log.append(entry)
-            n = self._counts[path] = self._counts.get(path, -1) + 1
-        try:
-            route = self.routes.get(h.path, self.routes.get(path))
-            if route is None: route = (404, {"Content-Type": "text/plain"}, f"no route for {path}")
-            if isinstance(route, list): route = route[min(n, len(route) - 1)]
-            if callable(route): route = route(entry)
-            status, headers, body, delay = _normalise_response(route)
-            if delay and self._stop.wait(delay): return  # the server is closing
-            if callable(body): body = body()
-            lower = {k.lower() for k in headers}
-            default_type = "text/html; charset=utf-8" if isinstance(body, str) else "text/html"
-            if isinstance(body, str): body = body.encode("utf-8")
-            if "content-type" not in lower: headers["Content-Type"] = default_type
-            chunks = [body] if isinstance(body, bytes) else body
-            if isinstance(body, bytes) and "content-length" not in lower: headers["Content-Length"] = str(len(body))
-            entry["status"] = status
-            h.send_response(status)
-            for k, v in headers.items(): h.send_header(k, str(v))
-            h.end_headers()
-            for chunk in chunks:
-                h.wfile.write(chunk); entry["bytes_sent"] += len(chunk)
-            h.wfile.flush()
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-            entry["client_hung_up"] = True
-        finally:
-            entry["done"] = True
+@patch(as_prop=True)
+def base_url(self: FixtureSite) -> str: return f"http://{self.host}:{self.port}"
+
+@patch
+def url(self: FixtureSite, path: str = "/") -> str: return self.base_url + path
+
+@patch
+def hits(self: FixtureSite, path: str) -> int:
+    with self._lock: return sum(1 for e in self.log if e["path"] == path)
+
+@patch
+def requests(self: FixtureSite, path: str | None = None) -> list[dict]:
+    with self._lock: return [e for e in self.log if path is None or e["path"] == path]
+
+@patch
+def wait_idle(self: FixtureSite, path: str | None = None, timeout: float = 5.0):
+    "Wait until the logged requests (to `path`, or all) have finished writing or given up."
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and not all(e["done"] for e in self.requests(path)): time.sleep(0.01)
+
+# %% ../nbs/01a_crawl.ipynb #697209fd
+@patch
+def _handle(self: FixtureSite, h: BaseHTTPRequestHandler):
+    path = urlsplit(h.path).path
+    entry = {"path": path, "target": h.path, "headers": dict(h.headers), "user_agent": h.headers.get("User-Agent"),
+             "t": time.monotonic(), "status": None, "bytes_sent": 0, "done": False}
+    with self._lock:
+        self.log.append(entry)
+        n = self._counts[path] = self._counts.get(path, -1) + 1
+    try:
+        route = self.routes.get(h.path, self.routes.get(path))
+        if route is None: route = (404, {"Content-Type": "text/plain"}, f"no route for {path}")
+        if isinstance(route, list): route = route[min(n, len(route) - 1)]
+        if callable(route): route = route(entry)
+        status, headers, body, delay = _normalise_response(route)
+        if delay and self._stop.wait(delay): return  # the server is closing
+        if callable(body): body = body()
+        lower = {k.lower() for k in headers}
+        default_type = "text/html; charset=utf-8" if isinstance(body, str) else "text/html"
+        if isinstance(body, str): body = body.encode("utf-8")
+        if "content-type" not in lower: headers["Content-Type"] = default_type
+        chunks = [body] if isinstance(body, bytes) else body
+        if isinstance(body, bytes) and "content-length" not in lower: headers["Content-Length"] = str(len(body))
+        entry["status"] = status
+        h.send_response(status)
+        for k, v in headers.items(): h.send_header(k, str(v))
+        h.end_headers()
+        for chunk in chunks:
+            h.wfile.write(chunk); entry["bytes_sent"] += len(chunk)
+        h.wfile.flush()
+    except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        entry["client_hung_up"] = True
+    finally:
+        entry["done"] = True
 
 # %% ../nbs/01a_crawl.ipynb #45235398
 class HostThrottle:

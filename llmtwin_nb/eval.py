@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Literal, Optional
 
 import numpy as np
 from pydantic import Field
+from fastcore.basics import patch
 
 from .core import (ParamsError, Section, register_params, section_params, load_params, get_paths, write_json, hardware_info,
                              seed_everything, pick_device, load_llm, load_embedder, resolve_model, make_backend,
@@ -268,66 +269,75 @@ class TwinScorer:
         self.embedder, self.clip_words, self.C, self.mfw, self.char_ngrams = embedder, clip_words, C, mfw, tuple(char_ngrams)
         self.max_char_features, self.seed = max_char_features, seed
 
-    def prepare(self, texts) -> list[str]:
-        "What the features see: each text's complete sentences within `clip_words` words, normalised."
-        return [normalize_text(clip_text(t, self.clip_words) or t) for t in texts]
+# %% ../nbs/05_eval.ipynb #6fd7ecb9
+@patch
+def prepare(self: TwinScorer, texts) -> list[str]:
+    "What the features see: each text's complete sentences within `clip_words` words, normalised."
+    return [normalize_text(clip_text(t, self.clip_words) or t) for t in texts]
 
-    def pipeline(self):
-        "The untrained scikit-learn pipeline: the feature blocks side by side, then the classifier."
-        from sklearn.pipeline import Pipeline, FeatureUnion
-        from sklearn.feature_extraction.text import TfidfVectorizer, CountVectorizer
-        from sklearn.preprocessing import Normalizer
-        from sklearn.linear_model import LogisticRegression
-        blocks = [("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=self.char_ngrams, sublinear_tf=True, lowercase=False, min_df=2,
-                                            max_features=self.max_char_features)),
-                  ("ngrams", TfidfVectorizer(token_pattern=_WORD.pattern, ngram_range=(1, 2), sublinear_tf=True, min_df=2)),
-                  ("words", Pipeline([("count", CountVectorizer(token_pattern=_WORD.pattern, max_features=self.mfw)),
-                                      ("rel", Normalizer(norm="l1")), ("z", _Block())])),
-                  ("rhythm", Pipeline([("f", _Rhythm()), ("z", _Block())]))]
-        if self.embedder is not None: blocks.append(("embedding", _Embed(self.embedder)))
-        return Pipeline([("features", FeatureUnion(blocks)), ("clf", LogisticRegression(C=self.C, max_iter=5000, random_state=self.seed))])
+@patch
+def pipeline(self: TwinScorer):
+    "The untrained scikit-learn pipeline: the feature blocks side by side, then the classifier."
+    from sklearn.pipeline import Pipeline, FeatureUnion
+    from sklearn.feature_extraction.text import TfidfVectorizer, CountVectorizer
+    from sklearn.preprocessing import Normalizer
+    from sklearn.linear_model import LogisticRegression
+    blocks = [("chars", TfidfVectorizer(analyzer="char_wb", ngram_range=self.char_ngrams, sublinear_tf=True, lowercase=False, min_df=2,
+                                        max_features=self.max_char_features)),
+              ("ngrams", TfidfVectorizer(token_pattern=_WORD.pattern, ngram_range=(1, 2), sublinear_tf=True, min_df=2)),
+              ("words", Pipeline([("count", CountVectorizer(token_pattern=_WORD.pattern, max_features=self.mfw)),
+                                  ("rel", Normalizer(norm="l1")), ("z", _Block())])),
+              ("rhythm", Pipeline([("f", _Rhythm()), ("z", _Block())]))]
+    if self.embedder is not None: blocks.append(("embedding", _Embed(self.embedder)))
+    return Pipeline([("features", FeatureUnion(blocks)), ("clf", LogisticRegression(C=self.C, max_iter=5000, random_state=self.seed))])
 
-    def fit(self, author_texts, negatives) -> "TwinScorer":
-        """`author_texts`: the author's training passages; `negatives`: a list of texts, or `{group: texts}` (other authors,
-        generic model text...). Every group is a class of a multinomial logistic regression and weighs as much as the author."""
-        groups = {g: list(t) for g, t in (negatives if isinstance(negatives, dict) else {"other": negatives}).items() if len(t)}
-        n_neg = sum(len(t) for t in groups.values())
-        if len(author_texts) < 2 or n_neg < 2:
-            raise ValueError(f"the twin classifier needs at least 2 author and 2 other texts, got {len(author_texts)} and {n_neg}")
-        texts = self.prepare(author_texts) + [t for g in groups.values() for t in self.prepare(g)]
-        y = np.array(["author"] * len(author_texts) + [f"not:{g}" for g, ts in groups.items() for _ in ts])
-        w = np.r_[np.full(len(author_texts), 1 / len(author_texts)), *[np.full(len(g), 1 / len(g)) for g in groups.values()]]
-        self.pipe = self.pipeline().fit(texts, y, clf__sample_weight=w * len(w) / w.sum())
-        self._col = list(self.pipe.classes_).index("author")
-        self.n_train = dict(author=len(author_texts), **{g: len(t) for g, t in groups.items()})
-        return self
+# %% ../nbs/05_eval.ipynb #5f1e63f1
+@patch
+def fit(self: TwinScorer, author_texts, negatives) -> "TwinScorer":
+    """`author_texts`: the author's training passages; `negatives`: a list of texts, or `{group: texts}` (other authors,
+    generic model text...). Every group is a class of a multinomial logistic regression and weighs as much as the author."""
+    groups = {g: list(t) for g, t in (negatives if isinstance(negatives, dict) else {"other": negatives}).items() if len(t)}
+    n_neg = sum(len(t) for t in groups.values())
+    if len(author_texts) < 2 or n_neg < 2:
+        raise ValueError(f"the twin classifier needs at least 2 author and 2 other texts, got {len(author_texts)} and {n_neg}")
+    texts = self.prepare(author_texts) + [t for g in groups.values() for t in self.prepare(g)]
+    y = np.array(["author"] * len(author_texts) + [f"not:{g}" for g, ts in groups.items() for _ in ts])
+    w = np.r_[np.full(len(author_texts), 1 / len(author_texts)), *[np.full(len(g), 1 / len(g)) for g in groups.values()]]
+    self.pipe = self.pipeline().fit(texts, y, clf__sample_weight=w * len(w) / w.sum())
+    self._col = list(self.pipe.classes_).index("author")
+    self.n_train = dict(author=len(author_texts), **{g: len(t) for g, t in groups.items()})
+    return self
 
-    def score(self, texts) -> np.ndarray:
-        "P(author) for each text."
-        texts = list(texts)
-        if not texts: return np.zeros(0)
-        if not hasattr(self, "pipe"): raise RuntimeError("TwinScorer.score before fit: train it on the author's passages first")
-        return self.pipe.predict_proba(self.prepare(texts))[:, self._col]
+@patch
+def score(self: TwinScorer, texts) -> np.ndarray:
+    "P(author) for each text."
+    texts = list(texts)
+    if not texts: return np.zeros(0)
+    if not hasattr(self, "pipe"): raise RuntimeError("TwinScorer.score before fit: train it on the author's passages first")
+    return self.pipe.predict_proba(self.prepare(texts))[:, self._col]
 
-    def author_weights(self) -> np.ndarray:
-        "One weight per feature: how much it raises the author's log-odds against the average negative class."
-        clf = self.pipe.named_steps["clf"]
-        W = np.vstack([-clf.coef_[0] / 2, clf.coef_[0] / 2]) if clf.coef_.shape[0] == 1 else clf.coef_   # binary: one row, for class 1
-        return W[self._col] - np.delete(W, self._col, 0).mean(0)
+# %% ../nbs/05_eval.ipynb #bf2105c3
+@patch
+def author_weights(self: TwinScorer) -> np.ndarray:
+    "One weight per feature: how much it raises the author's log-odds against the average negative class."
+    clf = self.pipe.named_steps["clf"]
+    W = np.vstack([-clf.coef_[0] / 2, clf.coef_[0] / 2]) if clf.coef_.shape[0] == 1 else clf.coef_   # binary: one row, for class 1
+    return W[self._col] - np.delete(W, self._col, 0).mean(0)
 
-    def top_features(self, k: int = 10) -> dict:
-        "What it learned: the `k` most and least author-like n-grams and words, every rhythm weight, the embedding weights' norm."
-        fu, coef = self.pipe.named_steps["features"], self.author_weights()
-        out, at = {}, 0
-        for name, tr in fu.transformer_list:
-            names = (tr.get_feature_names_out() if name in ("chars", "ngrams") else tr.named_steps["count"].get_feature_names_out()
-                     if name == "words" else np.array(RHYTHM_FEATURES) if name == "rhythm" else None)
-            width = len(names) if names is not None else len(coef) - at
-            c = coef[at:at + width]; at += width
-            if name == "rhythm": out[name] = {str(n): round(float(v), 3) for n, v in zip(names, c)}
-            elif names is None: out[name] = dict(weight_norm=round(float(np.linalg.norm(c)), 3))
-            else: o = np.argsort(c); out[name] = dict(author=[str(names[i]) for i in o[::-1][:k]], other=[str(names[i]) for i in o[:k]])
-        return out
+@patch
+def top_features(self: TwinScorer, k: int = 10) -> dict:
+    "What it learned: the `k` most and least author-like n-grams and words, every rhythm weight, the embedding weights' norm."
+    fu, coef = self.pipe.named_steps["features"], self.author_weights()
+    out, at = {}, 0
+    for name, tr in fu.transformer_list:
+        names = (tr.get_feature_names_out() if name in ("chars", "ngrams") else tr.named_steps["count"].get_feature_names_out()
+                 if name == "words" else np.array(RHYTHM_FEATURES) if name == "rhythm" else None)
+        width = len(names) if names is not None else len(coef) - at
+        c = coef[at:at + width]; at += width
+        if name == "rhythm": out[name] = {str(n): round(float(v), 3) for n, v in zip(names, c)}
+        elif names is None: out[name] = dict(weight_norm=round(float(np.linalg.norm(c)), 3))
+        else: o = np.argsort(c); out[name] = dict(author=[str(names[i]) for i in o[::-1][:k]], other=[str(names[i]) for i in o[:k]])
+    return out
 
 # %% ../nbs/05_eval.ipynb #658b78b5
 def auc(pos, neg) -> float:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from rapidfuzz.distance import Levenshtein
+from fastcore.basics import patch
 
 from .core import read_jsonl
 from .chunking import Chunk, STOP, content_words, split_sentences
@@ -110,54 +111,62 @@ class KeywordQuestions:
         self.n_docs = len(per_doc)
         self.idf = {w: math.log(self.n_docs / n) for w, n in df.items()}
 
-    def term_score(self, term: str, name: bool) -> float:
-        ws = content_words(term)
-        return sum(self.idf.get(w, math.log(self.n_docs)) for w in ws) / max(len(ws), 1) + 1.0 * name + 0.3 * (len(ws) - 1)
+# %% ../nbs/02_evalset.ipynb #95e80e59
+@patch
+def term_score(self: KeywordQuestions, term: str, name: bool) -> float:
+    ws = content_words(term)
+    return sum(self.idf.get(w, math.log(self.n_docs)) for w in ws) / max(len(ws), 1) + 1.0 * name + 0.3 * (len(ws) - 1)
 
-    def docs_with(self, terms: list[str]) -> set[str]:
-        "Documents with a chunk (or title) holding every word of every term."
-        need = {w for t in terms for w in content_words(t)}
-        return {c.doc_id for c, ws in zip(self.chunks, self.words) if need <= ws}
+@patch
+def docs_with(self: KeywordQuestions, terms: list[str]) -> set[str]:
+    "Documents with a chunk (or title) holding every word of every term."
+    need = {w for t in terms for w in content_words(t)}
+    return {c.doc_id for c, ws in zip(self.chunks, self.words) if need <= ws}
 
-    def answer_facts(self, sentence: str, used: set[str]) -> list[str]:
-        "What answers the question: the sentence's numbers, else its content words the question does not use."
-        nums = [w for w in dict.fromkeys(content_words(sentence)) if _NUMBER.search(w)]
-        return nums or [w for w in dict.fromkeys(content_words(sentence)) if w not in used and w not in GENERIC and len(w) > 3]
+@patch
+def answer_facts(self: KeywordQuestions, sentence: str, used: set[str]) -> list[str]:
+    "What answers the question: the sentence's numbers, else its content words the question does not use."
+    nums = [w for w in dict.fromkeys(content_words(sentence)) if _NUMBER.search(w)]
+    return nums or [w for w in dict.fromkeys(content_words(sentence)) if w not in used and w not in GENERIC and len(w) > 3]
 
-    def ask(self, chunk: Chunk, rng: np.random.Generator, max_terms: int = 4) -> tuple[list[str], str, list[str]] | str:
-        "(key terms, answer sentence, relevant document ids) for one sentence of `chunk`, or why none works."
-        prose = [s for s in split_sentences(chunk.text) if 8 <= len(s.split()) <= 60 and "\n" not in s
-                 and not s.startswith(("```", "#", "- ")) and not _CODE.search(s)]
-        if not prose: return "no usable sentence"
-        facts_first = [s for s in prose if _NUMBER.search(s)]
-        order = [facts_first[i] for i in rng.permutation(len(facts_first))] + \
-                [s for i in rng.permutation(len(prose)) if (s := prose[i]) not in facts_first]
-        why = "no usable sentence"
-        for s in order:
-            terms = [t for t, _ in sorted(key_terms(s), key=lambda t: -self.term_score(*t))]
-            if len(terms) < 2: why = "too few key terms"; continue
-            q = terms[:2]
-            for extra in [None] + terms[2:max_terms]:
-                if extra: q = q + [extra]
-                facts = self.answer_facts(s, {w for t in q for w in content_words(t)})[:3]
-                if not facts: break
-                holders = self.docs_with(q)
-                answering = {chunk.doc_id} | (holders & self.docs_with(q + facts))
-                if holders <= answering: return q, s, sorted(answering)
-            why = "ambiguous"
-        return why
+# %% ../nbs/02_evalset.ipynb #49624045
+@patch
+def ask(self: KeywordQuestions, chunk: Chunk, rng: np.random.Generator, max_terms: int = 4) -> tuple[list[str], str, list[str]] | str:
+    "(key terms, answer sentence, relevant document ids) for one sentence of `chunk`, or why none works."
+    prose = [s for s in split_sentences(chunk.text) if 8 <= len(s.split()) <= 60 and "\n" not in s
+             and not s.startswith(("```", "#", "- ")) and not _CODE.search(s)]
+    if not prose: return "no usable sentence"
+    facts_first = [s for s in prose if _NUMBER.search(s)]
+    order = [facts_first[i] for i in rng.permutation(len(facts_first))] + \
+            [s for i in rng.permutation(len(prose)) if (s := prose[i]) not in facts_first]
+    why = "no usable sentence"
+    for s in order:
+        terms = [t for t, _ in sorted(key_terms(s), key=lambda t: -self.term_score(*t))]
+        if len(terms) < 2: why = "too few key terms"; continue
+        q = terms[:2]
+        for extra in [None] + terms[2:max_terms]:
+            if extra: q = q + [extra]
+            facts = self.answer_facts(s, {w for t in q for w in content_words(t)})[:3]
+            if not facts: break
+            holders = self.docs_with(q)
+            answering = {chunk.doc_id} | (holders & self.docs_with(q + facts))
+            if holders <= answering: return q, s, sorted(answering)
+        why = "ambiguous"
+    return why
 
-    def question(self, chunk: Chunk, rng: np.random.Generator) -> tuple[str, str, list[str]] | str:
-        "A phrased question: (question, answer sentence, relevant document ids), or why none works."
-        r = self.ask(chunk, rng)
-        if isinstance(r, str): return r
-        terms, s, rel = r
-        who = (chunk.payload.get("author") or "the author").split()[0]
-        frame = [f"What does {who} say about {{}}?", "What happened with {}?", "What is said about {}?"][int(rng.integers(3))]
-        q = frame.format(", ".join(terms[:-1]) + " and " + terms[-1])
-        if chunk.payload.get("platform") in SOURCE_PHRASE and rng.random() < 1 / 3:   # people say where they read it
-            q = f"{SOURCE_PHRASE[chunk.payload['platform']]}, {q[0].lower()}{q[1:]}"
-        return q, s, rel
+# %% ../nbs/02_evalset.ipynb #fa9f72b7
+@patch
+def question(self: KeywordQuestions, chunk: Chunk, rng: np.random.Generator) -> tuple[str, str, list[str]] | str:
+    "A phrased question: (question, answer sentence, relevant document ids), or why none works."
+    r = self.ask(chunk, rng)
+    if isinstance(r, str): return r
+    terms, s, rel = r
+    who = (chunk.payload.get("author") or "the author").split()[0]
+    frame = [f"What does {who} say about {{}}?", "What happened with {}?", "What is said about {}?"][int(rng.integers(3))]
+    q = frame.format(", ".join(terms[:-1]) + " and " + terms[-1])
+    if chunk.payload.get("platform") in SOURCE_PHRASE and rng.random() < 1 / 3:   # people say where they read it
+        q = f"{SOURCE_PHRASE[chunk.payload['platform']]}, {q[0].lower()}{q[1:]}"
+    return q, s, rel
 
 # %% ../nbs/02_evalset.ipynb #39cc22e8
 def llm_question(chunk_text: str, backend) -> str:

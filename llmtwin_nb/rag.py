@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterable, Literal, Optional
 
 import numpy as np
+from fastcore.basics import patch
 from pydantic import Field
 
 from .core import (ParamsError, Section, register_params, section_params, get_paths, resolve_model,
@@ -445,135 +446,150 @@ class Retriever:
         if hasattr(embedder, "eval"): embedder.eval()                 # `embed` calls the modules directly
         self.refresh()
 
-    def refresh(self):
-        "Re-read the filter values (and, embedded, the fast path's arrays) from the collection."
-        self.local = LocalIndex(self.client, self.collection, self.sparse) if self.cfg.local_fastpath and is_embedded(self.client) else None
-        self.known = self.local.known() if self.local else self._known_values()
+# %% ../nbs/02_rag.ipynb #9d2c1c95
+@patch
+def refresh(self: Retriever):
+    "Re-read the filter values (and, embedded, the fast path's arrays) from the collection."
+    self.local = LocalIndex(self.client, self.collection, self.sparse) if self.cfg.local_fastpath and is_embedded(self.client) else None
+    self.known = self.local.known() if self.local else self._known_values()
 
-    def _known_values(self) -> dict[str, list[str]]:
-        vals = {k: set() for k in FILTER_FIELDS}
-        offset = None
-        while True:
-            pts, offset = self.client.scroll(self.collection, limit=4096, offset=offset, with_payload=list(vals), with_vectors=False)
+@patch
+def _known_values(self: Retriever) -> dict[str, list[str]]:
+    vals = {k: set() for k in FILTER_FIELDS}
+    offset = None
+    while True:
+        pts, offset = self.client.scroll(self.collection, limit=4096, offset=offset, with_payload=list(vals), with_vectors=False)
+        for p in pts:
+            for k in vals:
+                if p.payload.get(k): vals[k].add(p.payload[k])
+        if offset is None: break
+    return {k: sorted(v) for k, v in vals.items()}
+
+# %% ../nbs/02_rag.ipynb #5cfb58e9
+@patch
+def check_query(self: Retriever, query) -> str:
+    if not isinstance(query, str) or not query.strip(): raise QueryError("empty query: ask a question (a non-empty string)")
+    n = len(self.embedder.tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"])
+    if n > self.max_tokens:
+        raise QueryError(f"query has {n} tokens but the embedder reads at most {self.max_tokens}; shorten it "
+                         "(or split it into several questions)")
+    return query.strip()
+
+@patch
+def filters_for(self: Retriever, query: str, filters: dict | None, self_query: bool, llm: bool) -> dict:
+    f = dict(check_filters(filters, self.known))
+    if self_query:
+        auto = rule_filters(query, self.known["author"])
+        if llm and self.backend is not None and "platform" not in auto:
+            auto.update(llm_filters(query, self.backend, self.known))
+        for k, v in auto.items():
+            if v in self.known.get(k, []): f.setdefault(k, v)
+    return f
+
+@patch
+def _qfilter(self: Retriever, f: dict):
+    from qdrant_client import models
+    if not f: return None
+    return models.Filter(must=[models.FieldCondition(key=k, match=models.MatchAny(any=list(v)) if isinstance(v, (list, tuple)) else models.MatchValue(value=v)) for k, v in f.items()])
+
+# %% ../nbs/02_rag.ipynb #5f42ced7
+@patch
+def embed(self: Retriever, texts: list[str]) -> np.ndarray:
+    "Normalised query embeddings in one forward pass (what `encode` computes, without its per-call bookkeeping)."
+    import torch
+    e = self.embedder
+    if not (hasattr(e, "preprocess") and hasattr(e, "forward")):    # not a SentenceTransformer: its own encode
+        return e.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
+    with torch.inference_mode():
+        f = {k: v.to(e.device) if hasattr(v, "to") else v for k, v in e.preprocess(texts).items()}
+        v = e.forward(f)["sentence_embedding"]
+        return torch.nn.functional.normalize(v.float(), dim=-1).cpu().numpy()
+
+# %% ../nbs/02_rag.ipynb #6d9a3928
+@patch
+def _dense(self: Retriever, vecs, f: dict, limit: int, payload: bool) -> list[list]:
+    "One dense top-`limit` list of scored points per query vector, filtered by `f`."
+    from qdrant_client import models
+    qf, wp = self._qfilter(f), (True if payload else False)
+    if self.local is None or not f:
+        return [r.points for r in self.client.query_batch_points(self.collection, requests=[
+            models.QueryRequest(query=v.tolist(), limit=limit, filter=qf, with_payload=wp) for v in vecs])]
+    mask = self.local.mask(f)                                    # embedded + filter: post-filter an unfiltered top-N,
+    over = int(min(len(mask), max(200, 3 * limit * len(mask) / max(int(mask.sum()), 1))))   # N: 3x what the filter's share needs
+    out = []
+    for v, r in zip(vecs, self.client.query_batch_points(self.collection, requests=[
+            models.QueryRequest(query=v.tolist(), limit=over, with_payload=wp) for v in vecs])):
+        keep = [p for p in r.points if (i := self.local.pos.get(str(p.id))) is not None and mask[i]][:limit]
+        if len(keep) < limit and len(r.points) == over:        # too few matches up there: let Qdrant filter
+            keep = self.client.query_points(self.collection, query=v.tolist(), limit=limit, query_filter=qf, with_payload=wp).points
+        out.append(keep)
+    return out
+
+@patch
+def _hybrid(self: Retriever, variants: list[str], vecs, f: dict, limit: int) -> list[tuple[str, float, dict | None]]:
+    "Dense and BM25 lists for every variant, fused by reciprocal rank: [(id, score, payload or None)]."
+    from qdrant_client import models
+    if self.local is None:                                       # a server (or fast path off): one native call
+        qf = self._qfilter(f)
+        pf = [models.Prefetch(query=v.tolist(), limit=limit, filter=qf) for v in vecs]
+        pf += [models.Prefetch(query=sv, using=SPARSE, limit=limit, filter=qf) for t in variants if (sv := sparse_query_vector(t)).indices]
+        res = self.client.query_points(self.collection, prefetch=pf, query=models.RrfQuery(rrf=models.Rrf(k=self.cfg.rrf_k)),
+                                       limit=limit, with_payload=True)
+        return [(str(p.id), float(p.score), p.payload) for p in res.points]
+    lists = [[str(p.id) for p in pts] for pts in self._dense(vecs, f, limit, payload=False)]
+    mask = self.local.mask(f)
+    lists += [self.local.bm25(t, limit, mask) for t in variants]
+    return [(i, s, None) for i, s in rrf_fuse(lists, self.cfg.rrf_k, limit)]
+
+# %% ../nbs/02_rag.ipynb #efb8061e
+@patch
+def retrieve(self: Retriever, query: str, k: int | None = None, filters: dict | None = None, expansion: bool | None = None,
+             self_query: bool | None = None, rerank: bool = True, llm: bool | None = None, hybrid: bool | None = None,
+             info: dict | None = None) -> list[Hit]:
+    "The top `k` chunks for `query` (defaults from the config; `info` receives filters, variants and step timings)."
+    with cpu_threads(self.cfg.query_threads):
+        return self._retrieve(query, k, filters, expansion, self_query, rerank, llm, hybrid, info)
+
+@patch
+def _retrieve(self: Retriever, query, k, filters, expansion, self_query, rerank, llm, hybrid, info) -> list[Hit]:
+    c = self.cfg
+    k = k or c.top_k
+    llm = c.llm_steps if llm is None else llm
+    hybrid = (c.hybrid if hybrid is None else hybrid) and self.sparse
+    query = self.check_query(query)
+    f = self.filters_for(query, filters, c.self_query if self_query is None else self_query, llm)
+    variants = expand_query(query, c.expansion_n, self.backend if llm else None) if (c.expansion if expansion is None else expansion) else [query]
+    use_rr = rerank and self.reranker is not None
+    pool = max(k, c.candidates) if (use_rr or hybrid) else k
+    t0 = time.perf_counter()
+    vecs = self.embed(variants)
+    t1 = time.perf_counter()
+    if hybrid:
+        fused = self._hybrid(variants, vecs, f, pool)
+        need = [i for i, _, p in fused if p is None]
+        got = {str(p.id): p.payload for p in self.client.retrieve(self.collection, ids=need, with_payload=True)} if need else {}
+        hits = []
+        for i, score, pl in fused:
+            p = pl if pl is not None else got.get(i)
+            if p is not None: hits.append(Hit(i, p["doc_id"], score, p.get("text", ""), p.get("title", ""), p.get("url"), p))
+    else:
+        best: dict[str, Hit] = {}
+        for pts in self._dense(vecs, f, pool, payload=True):
             for p in pts:
-                for k in vals:
-                    if p.payload.get(k): vals[k].add(p.payload[k])
-            if offset is None: break
-        return {k: sorted(v) for k, v in vals.items()}
-
-    def check_query(self, query) -> str:
-        if not isinstance(query, str) or not query.strip(): raise QueryError("empty query: ask a question (a non-empty string)")
-        n = len(self.embedder.tokenizer(query, add_special_tokens=False, verbose=False)["input_ids"])
-        if n > self.max_tokens:
-            raise QueryError(f"query has {n} tokens but the embedder reads at most {self.max_tokens}; shorten it "
-                             "(or split it into several questions)")
-        return query.strip()
-
-    def filters_for(self, query: str, filters: dict | None, self_query: bool, llm: bool) -> dict:
-        f = dict(check_filters(filters, self.known))
-        if self_query:
-            auto = rule_filters(query, self.known["author"])
-            if llm and self.backend is not None and "platform" not in auto:
-                auto.update(llm_filters(query, self.backend, self.known))
-            for k, v in auto.items():
-                if v in self.known.get(k, []): f.setdefault(k, v)
-        return f
-
-    def _qfilter(self, f: dict):
-        from qdrant_client import models
-        if not f: return None
-        return models.Filter(must=[models.FieldCondition(key=k, match=models.MatchAny(any=list(v)) if isinstance(v, (list, tuple)) else models.MatchValue(value=v)) for k, v in f.items()])
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        "Normalised query embeddings in one forward pass (what `encode` computes, without its per-call bookkeeping)."
-        import torch
-        e = self.embedder
-        if not (hasattr(e, "preprocess") and hasattr(e, "forward")):    # not a SentenceTransformer: its own encode
-            return e.encode(texts, normalize_embeddings=True, convert_to_numpy=True)
-        with torch.inference_mode():
-            f = {k: v.to(e.device) if hasattr(v, "to") else v for k, v in e.preprocess(texts).items()}
-            v = e.forward(f)["sentence_embedding"]
-            return torch.nn.functional.normalize(v.float(), dim=-1).cpu().numpy()
-
-    def _dense(self, vecs, f: dict, limit: int, payload: bool) -> list[list]:
-        "One dense top-`limit` list of scored points per query vector, filtered by `f`."
-        from qdrant_client import models
-        qf, wp = self._qfilter(f), (True if payload else False)
-        if self.local is None or not f:
-            return [r.points for r in self.client.query_batch_points(self.collection, requests=[
-                models.QueryRequest(query=v.tolist(), limit=limit, filter=qf, with_payload=wp) for v in vecs])]
-        mask = self.local.mask(f)                                    # embedded + filter: post-filter an unfiltered top-N,
-        over = int(min(len(mask), max(200, 3 * limit * len(mask) / max(int(mask.sum()), 1))))   # N: 3x what the filter's share needs
-        out = []
-        for v, r in zip(vecs, self.client.query_batch_points(self.collection, requests=[
-                models.QueryRequest(query=v.tolist(), limit=over, with_payload=wp) for v in vecs])):
-            keep = [p for p in r.points if (i := self.local.pos.get(str(p.id))) is not None and mask[i]][:limit]
-            if len(keep) < limit and len(r.points) == over:        # too few matches up there: let Qdrant filter
-                keep = self.client.query_points(self.collection, query=v.tolist(), limit=limit, query_filter=qf, with_payload=wp).points
-            out.append(keep)
-        return out
-
-    def _hybrid(self, variants: list[str], vecs, f: dict, limit: int) -> list[tuple[str, float, dict | None]]:
-        "Dense and BM25 lists for every variant, fused by reciprocal rank: [(id, score, payload or None)]."
-        from qdrant_client import models
-        if self.local is None:                                       # a server (or fast path off): one native call
-            qf = self._qfilter(f)
-            pf = [models.Prefetch(query=v.tolist(), limit=limit, filter=qf) for v in vecs]
-            pf += [models.Prefetch(query=sv, using=SPARSE, limit=limit, filter=qf) for t in variants if (sv := sparse_query_vector(t)).indices]
-            res = self.client.query_points(self.collection, prefetch=pf, query=models.RrfQuery(rrf=models.Rrf(k=self.cfg.rrf_k)),
-                                           limit=limit, with_payload=True)
-            return [(str(p.id), float(p.score), p.payload) for p in res.points]
-        lists = [[str(p.id) for p in pts] for pts in self._dense(vecs, f, limit, payload=False)]
-        mask = self.local.mask(f)
-        lists += [self.local.bm25(t, limit, mask) for t in variants]
-        return [(i, s, None) for i, s in rrf_fuse(lists, self.cfg.rrf_k, limit)]
-
-    def retrieve(self, query: str, k: int | None = None, filters: dict | None = None, expansion: bool | None = None,
-                 self_query: bool | None = None, rerank: bool = True, llm: bool | None = None, hybrid: bool | None = None,
-                 info: dict | None = None) -> list[Hit]:
-        "The top `k` chunks for `query` (defaults from the config; `info` receives filters, variants and step timings)."
-        with cpu_threads(self.cfg.query_threads):
-            return self._retrieve(query, k, filters, expansion, self_query, rerank, llm, hybrid, info)
-
-    def _retrieve(self, query, k, filters, expansion, self_query, rerank, llm, hybrid, info) -> list[Hit]:
-        c = self.cfg
-        k = k or c.top_k
-        llm = c.llm_steps if llm is None else llm
-        hybrid = (c.hybrid if hybrid is None else hybrid) and self.sparse
-        query = self.check_query(query)
-        f = self.filters_for(query, filters, c.self_query if self_query is None else self_query, llm)
-        variants = expand_query(query, c.expansion_n, self.backend if llm else None) if (c.expansion if expansion is None else expansion) else [query]
-        use_rr = rerank and self.reranker is not None
-        pool = max(k, c.candidates) if (use_rr or hybrid) else k
-        t0 = time.perf_counter()
-        vecs = self.embed(variants)
-        t1 = time.perf_counter()
-        if hybrid:
-            fused = self._hybrid(variants, vecs, f, pool)
-            need = [i for i, _, p in fused if p is None]
-            got = {str(p.id): p.payload for p in self.client.retrieve(self.collection, ids=need, with_payload=True)} if need else {}
-            hits = []
-            for i, score, pl in fused:
-                p = pl if pl is not None else got.get(i)
-                if p is not None: hits.append(Hit(i, p["doc_id"], score, p.get("text", ""), p.get("title", ""), p.get("url"), p))
-        else:
-            best: dict[str, Hit] = {}
-            for pts in self._dense(vecs, f, pool, payload=True):
-                for p in pts:
-                    pid = str(p.id)
-                    if pid not in best or p.score > best[pid].score:
-                        best[pid] = Hit(pid, p.payload["doc_id"], float(p.score), p.payload.get("text", ""), p.payload.get("title", ""), p.payload.get("url"), p.payload)
-            hits = sorted(best.values(), key=lambda h: -h.score)[:pool]
-        t2 = time.perf_counter()
-        if use_rr and hits:
-            s = self.reranker.score(query, [h.title + "\n" + h.text for h in hits])
-            order = np.argsort(-s, kind="stable")
-            hits = [dataclasses.replace(hits[i], score=float(s[i])) for i in order]
-        t3 = time.perf_counter()
-        if info is not None:
-            info.update(filters=f, variants=variants, hybrid=hybrid,
-                        ms=dict(embed=(t1 - t0) * 1e3, search=(t2 - t1) * 1e3, rerank=(t3 - t2) * 1e3))
-        return hits[:k]
+                pid = str(p.id)
+                if pid not in best or p.score > best[pid].score:
+                    best[pid] = Hit(pid, p.payload["doc_id"], float(p.score), p.payload.get("text", ""), p.payload.get("title", ""), p.payload.get("url"), p.payload)
+        hits = sorted(best.values(), key=lambda h: -h.score)[:pool]
+    t2 = time.perf_counter()
+    if use_rr and hits:
+        s = self.reranker.score(query, [h.title + "\n" + h.text for h in hits])
+        order = np.argsort(-s, kind="stable")
+        hits = [dataclasses.replace(hits[i], score=float(s[i])) for i in order]
+    t3 = time.perf_counter()
+    if info is not None:
+        info.update(filters=f, variants=variants, hybrid=hybrid,
+                    ms=dict(embed=(t1 - t0) * 1e3, search=(t2 - t1) * 1e3, rerank=(t3 - t2) * 1e3))
+    return hits[:k]
 
 # %% ../nbs/02_rag.ipynb #48e11822
 def assemble_context(hits: list[Hit], tokenizer, max_tokens: int = 1024) -> tuple[str, list[dict]]:
