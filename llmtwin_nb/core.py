@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import contextlib, dataclasses, difflib, fcntl, functools, hashlib, importlib, importlib.util, json, os, pkgutil, random
-import shutil, sys, time, uuid
+import math, re, shutil, sys, time, uuid
 from pathlib import Path
 from typing import Any, Literal, Optional, Protocol
 
@@ -17,12 +17,13 @@ from fastcore.basics import patch
 # %% auto #0
 __all__ = ['PARAM_SECTIONS', 'PACKAGED', 'MANIFEST', 'RETRYABLE', 'ParamsError', 'Section', 'register_params', 'CoreParams',
            'ModelsParams', 'LLMParams', 'section_params', 'package_modules', 'parse_override', 'load_params',
-           'add_params_args', 'raw_params', 'check_params_cli', 'project_root', 'Paths', 'get_paths', 'cache_dir',
-           'profile_flags', 'profile_cli', 'atomic_write_text', 'JsonlError', 'parse_jsonl', 'read_jsonl',
-           'seed_everything', 'pick_device', 'pick_dtype', 'package_dir', 'resolve_model', 'write_manifest',
-           'verify_model_dir', 'file_lock', 'convert_gguf', 'load_llm', 'load_embedder', 'ChatResult', 'BackendError',
-           'ChatBackend', 'check_messages', 'ResponseCache', 'CachedBackend', 'model_fingerprint', 'LocalChatBackend',
-           'UpstreamError', 'OpenAIChatBackend', 'make_backend', 'hardware_info', 'write_json']
+           'parse_weights', 'parse_variants', 'parse_list', 'add_params_args', 'raw_params', 'check_params_cli',
+           'project_root', 'Paths', 'get_paths', 'cache_dir', 'profile_flags', 'profile_cli', 'atomic_write_text',
+           'JsonlError', 'parse_jsonl', 'read_jsonl', 'seed_everything', 'pick_device', 'pick_dtype', 'package_dir',
+           'resolve_model', 'write_manifest', 'verify_model_dir', 'file_lock', 'convert_gguf', 'load_llm',
+           'load_embedder', 'ChatResult', 'BackendError', 'ChatBackend', 'check_messages', 'ResponseCache',
+           'CachedBackend', 'model_fingerprint', 'LocalChatBackend', 'UpstreamError', 'OpenAIChatBackend',
+           'make_backend', 'hardware_info', 'write_json']
 
 # %% ../nbs/00_core.ipynb #c3f18eed
 class ParamsError(ValueError):
@@ -139,6 +140,43 @@ def load_params(path: str | Path = "params.yaml", overrides: dict | list | None 
         except ParamsError as e: errors.append(str(e).removeprefix("params.yaml: "))
     if errors: raise ParamsError(f"{path}:\n  " + "\n  ".join(errors))
     return out
+
+# %% ../nbs/00_core.ipynb #8b6e29fc
+def parse_weights(spec: str | dict, what: str = "serve.split", normalize: bool = True) -> dict[str, float]:
+    "`'a=0.7,b=0.3'` (or a dict) -> `{'a': 0.7, 'b': 0.3}`, normalised to sum 1 (unless `normalize=False`); a clear error otherwise."
+    d = dict(spec) if isinstance(spec, dict) else {}
+    if not isinstance(spec, dict):
+        for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
+            name, eq, w = part.partition("=")
+            if not eq or not name.strip(): raise ParamsError(f"{what}: `{part}` must be name=weight, e.g. a=0.7,b=0.3")
+            try: d[name.strip()] = float(w)
+            except ValueError: raise ParamsError(f"{what}: weight of `{name.strip()}` is {w!r}, not a number") from None
+    if not d: raise ParamsError(f"{what} is empty: give at least one name=weight, e.g. a=0.5,b=0.5")
+    bad = {k: v for k, v in d.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)}
+    if bad: raise ParamsError(f"{what}: weights must be finite and >= 0, got {bad}")
+    tot = sum(d.values())
+    if tot <= 0: raise ParamsError(f"{what}: the weights sum to 0; give at least one positive weight")
+    return {k: v / tot for k, v in d.items()} if normalize else d
+
+def parse_variants(spec: str | dict, what: str = "serve.variants") -> dict[str, str]:
+    "`'a=packaged:x,b=models/dpo/merged'` (or a dict) -> `{'a': 'packaged:x', 'b': 'models/dpo/merged'}` (name -> model reference, order kept)."
+    if isinstance(spec, dict): pairs = [(str(k), "=", "" if v is None else str(v)) for k, v in spec.items()]
+    else: pairs = [p.strip().partition("=") for p in str(spec).split(",") if p.strip()]
+    out = {}
+    for name, eq, ref in pairs:
+        if not eq or not name.strip() or not ref.strip(): raise ParamsError(f"{what}: `{name}{eq}{ref}` must be name=model_reference")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", name.strip()): raise ParamsError(f"{what}: name `{name}` may use letters, digits, _ and - only")
+        if name.strip() in out: raise ParamsError(f"{what}: the name `{name.strip()}` appears twice")
+        out[name.strip()] = ref.strip()
+    if not out: raise ParamsError(f"{what} is empty: give name=model pairs, e.g. a=models/sft/merged,b=models/dpo/merged")
+    return out
+
+def parse_list(v) -> list[str]:
+    "A list of strings from a YAML list or a comma-separated string (`None`: `[]`)."
+    if v is None: return []
+    if isinstance(v, str): return [s.strip() for s in v.split(",") if s.strip()]
+    if isinstance(v, (list, tuple)): return [str(s).strip() for s in v if s is not None and str(s).strip()]
+    raise ValueError(f"expected a list or a comma-separated string, got {type(v).__name__} {v!r}")
 
 # %% ../nbs/00_core.ipynb #b0a96eaa
 def add_params_args(ap, example: str = "sft.max_steps=10"):

@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .core import ParamsError, Section, atomic_write_text, get_paths, register_params, section_params, write_json
 from .hygiene import html_to_text, mask_pii, near_duplicate_pairs, normalize_unicode, normalize_whitespace
+from .core import parse_list
 from .readers import (SourceError, UnsafeArchiveError, front_matter_date, iso_utc, read_json_records, read_text_file,
                                  safe_extract_zip, split_front_matter)
 
@@ -33,13 +34,6 @@ __all__ = ['data_git_include_default', 'PLATFORMS', 'KINDS', 'LOCAL_EXT', 'BOOK_
            'corpus_problems', 'run_etl']
 
 # %% ../nbs/01b_data.ipynb #27d96d9a
-def _csv_list(v) -> list[str]:
-    "A list of strings from a YAML list or a comma-separated string."
-    if v is None: return []
-    if isinstance(v, str): return [s.strip() for s in v.split(",") if s.strip()]
-    if isinstance(v, (list, tuple)): return [str(s).strip() for s in v if s is not None and str(s).strip()]
-    raise ValueError(f"expected a list or a comma-separated string, got {type(v).__name__} {v!r}")
-
 data_git_include_default = "*.md,*.rst,*.txt,*.py,*.toml,*.cfg,*.yaml,*.yml,*.sh,*.js,*.ts,*.go,*.rs,*.java,*.c,*.h,*.cpp,*.ipynb"
 
 # %% ../nbs/01b_data.ipynb #0c7f9b8a
@@ -59,7 +53,7 @@ class DataParams(Section):
     shingle_words: int = Field(5, ge=1, le=20)
     min_words: int = Field(20, ge=0)
     max_words: int = Field(20000, gt=0)
-    git_include: list[str] = Field(default_factory=lambda: _csv_list(data_git_include_default))
+    git_include: list[str] = Field(default_factory=lambda: parse_list(data_git_include_default))
     git_max_file_kb: int = Field(256, gt=0)
     git_timeout_s: float = Field(120, gt=0)
     crawl_user_agent: str = Field("llmtwin-nb/0.1 (+https://github.com/llmtwin/llmtwin_nb; course crawler)", min_length=3)
@@ -91,7 +85,7 @@ class DataParams(Section):
         for a, ss in v.items():
             a = "" if a is None else str(a).strip()
             if not a: raise ValueError("an author name (a key of data.sources) is empty")
-            lst = _csv_list(ss)
+            lst = parse_list(ss)
             if not lst: raise ValueError(f"author {a!r} has no sources; list their exports or URLs, or remove the author")
             for s in lst:
                 if s in owner: raise ValueError(f"source {s!r} is listed twice (under {owner[s]!r} and {a!r}); a source belongs to one author")
@@ -114,7 +108,7 @@ class DataParams(Section):
 
     @field_validator("pii_kinds", "git_include", mode="before")
     @classmethod
-    def _split_csv(cls, v): return _csv_list(v)
+    def _split_csv(cls, v): return parse_list(v)
 
     @model_validator(mode="after")
     def _check_bands(self):
@@ -319,7 +313,7 @@ def import_local_folder(folder: str | Path, ctx: "ImportContext | None" = None) 
             if fmt == "markdown": fm, text = split_front_matter(text, p)
             words = BeautifulSoup(text, "html.parser").get_text(" ", strip=True) if fmt == "html" else text.strip()
             if not words: raise SourceError(p, "has no text" + (" after its front matter" if fm else "") + "; write its text or remove the file")
-            try: tags = _csv_list(fm.get("tags"))
+            try: tags = parse_list(fm.get("tags"))
             except ValueError: raise SourceError(p, f"front matter `tags` must be a list or a comma-separated string, got {fm['tags']!r}") from None
             meta = dict(path=rel, **({"tags": tags} if tags else {}), **({"subtitle": str(fm["description"])} if fm.get("description") else {}),
                         **({"draft": bool(fm["draft"])} if "draft" in fm else {}))
@@ -524,8 +518,8 @@ class CrawlerDispatcher:
 # %% ../nbs/01b_data.ipynb #07d4f150
 def source_list(sources: dict | list | str, author: str | None = None) -> list[tuple[str | None, str]]:
     "`(author, source)` pairs from `{author: [source, ...]}`, or from a plain list (all by `author`)."
-    if isinstance(sources, dict): return [(a, s) for a, ss in sources.items() for s in _csv_list(ss)]
-    return [(author, s) for s in _csv_list(sources)]
+    if isinstance(sources, dict): return [(a, s) for a, ss in sources.items() for s in parse_list(ss)]
+    return [(author, s) for s in parse_list(sources)]
 
 def _shown(path: str, raw_dir, tmp: str | None, source: str) -> str:
     "A file path as the user knows it: inside the .zip they gave, or relative to raw_dir."

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Literal, Optional
 
 import numpy as np
-from pydantic import Field
+from pydantic import Field, field_validator
 from fastcore.basics import patch
 
 from .core import (ParamsError, Section, register_params, section_params, load_params, get_paths, write_json, hardware_info,
@@ -19,24 +19,26 @@ from .core import (ParamsError, Section, register_params, section_params, load_p
                              LocalChatBackend, CachedBackend, ResponseCache, ChatResult, check_messages, cache_dir,
                              atomic_write_text, read_jsonl)
 from .hygiene import sentences
+from .core import parse_list, parse_variants
 from .stats import MIN_ITEMS_FOR_SIGNIFICANCE, bootstrap_ci, cluster_mean_diff_ci, cluster_means, mean_diff_ci
 
 # %% auto #0
 __all__ = ['RHYTHM_FEATURES', 'JUDGE_SYSTEM', 'JUDGE_PROMPT', 'LMEVAL_TASK', 'RAG_SYSTEM', 'PLOT_METRICS', 'EvalParams',
-           'parse_models', 'locate_model', 'load_instruct_rows', 'check_disjoint', 'active_guard', 'generate_batch',
-           'stopwatch', 'lap', 'save_generations', 'clip_text', 'passages', 'normalize_text', 'rhythm_features',
-           'TwinScorer', 'auc', 'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll', 'chat_nll',
-           'perplexity', 'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers',
-           'judge_answers_logprob', 'judge_sanity', 'repetition_stats', 'ppl_diff_ci', 'twin_position', 'mc_items',
-           'write_lmeval_task', 'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means',
-           'paired_judge_ci', 'comparison_rows', 'plot_comparison']
+           'locate_model', 'load_instruct_rows', 'check_disjoint', 'active_guard', 'generate_batch', 'stopwatch', 'lap',
+           'save_generations', 'clip_text', 'passages', 'normalize_text', 'rhythm_features', 'TwinScorer', 'auc',
+           'author_passages', 'other_authors', 'twin_metric_texts', 'text_nll', 'chat_nll', 'perplexity',
+           'JudgeParseError', 'judge_messages', 'parse_judgement', 'judge_answers', 'judge_answers_logprob',
+           'judge_sanity', 'repetition_stats', 'ppl_diff_ci', 'twin_position', 'mc_items', 'write_lmeval_task',
+           'run_lmeval', 'rag_prompt', 'rouge_l', 'numpy_scores', 'ragas_scores', 'judge_means', 'paired_judge_ci',
+           'comparison_rows', 'plot_comparison']
 
 # %% ../nbs/05_eval.ipynb #26fbfe20
 @register_params("eval")
 class EvalParams(Section):
-    models: str = Field("base=packaged:smollm2-135m-instruct,sft=models/sft/merged,dpo=models/dpo/merged", min_length=3,
-                        pattern=r"^[A-Za-z0-9_\-]+=[^,=]+(,[A-Za-z0-9_\-]+=[^,=]+)*$",
-                        description="name=model reference pairs, comma separated; the first is the baseline")
+    models: dict[str, str] = Field(default_factory=lambda: {"base": "packaged:smollm2-135m-instruct", "sft": "models/sft/merged",
+                                                            "dpo": "models/dpo/merged"}, min_length=1,
+                                   description="name -> model reference, in order; the first is the baseline (a mapping; a "
+                                               "comma string name=reference,... , e.g. from -S, is read as one)")
     instruct: str = Field("artifacts/instruct", min_length=1, description="the SFT chapter's instruct dataset (its test split is the test set)")
     repetition_penalty: float = Field(1.2, ge=1.0, le=2.0, description="answers: >1 penalises tokens already generated (HF generate); 1: off")
     no_repeat_ngram_size: int = Field(0, ge=0, le=20, description="answers: forbid repeating any n-gram of this size; 0: off")
@@ -62,7 +64,8 @@ class EvalParams(Section):
         "item's on at least this share of sanity items, else judge_sanity.valid is false and its scores stay out of the README")
     lmeval: bool = True
     lmeval_items: int = Field(24, ge=4, description="author-knowledge multiple-choice items from held-out documents")
-    lmeval_tasks: str = Field("none", description="standard lm-eval tasks, comma separated (e.g. mmlu_abstract_algebra,ifeval); need the hub")
+    lmeval_tasks: list[str] = Field(default_factory=list, description="standard lm-eval tasks, a list (e.g. [mmlu_abstract_algebra, "
+                                    "ifeval]; a comma string is read as one, `none`: no task); need the hub")
     lmeval_limit: int = Field(100, gt=0, description="examples per standard task")
     rag_questions: int = Field(6, ge=0, description="retrieval eval questions each model answers with the 02 retriever (0: no RAG eval)")
     rag_top_k: int = Field(3, gt=0, le=50)
@@ -71,16 +74,13 @@ class EvalParams(Section):
     ragas: bool = Field(True, description="score the RAG answers with ragas (else the same definitions in numpy)")
     bootstrap: int = Field(1000, ge=100, description="paired bootstrap resamples for every confidence interval")
 
-def parse_models(spec: str) -> dict[str, str]:
-    "`'base=packaged:x,sft=models/sft/merged'` -> `{'base': 'packaged:x', 'sft': 'models/sft/merged'}` (order kept)."
-    out = {}
-    for part in [p.strip() for p in spec.split(",") if p.strip()]:
-        if "=" not in part: raise ParamsError(f"`eval.models`: {part!r} must look like name=reference (e.g. sft=models/sft/merged)")
-        k, v = (s.strip() for s in part.split("=", 1))
-        if k in out: raise ParamsError(f"`eval.models`: the name {k!r} appears twice")
-        out[k] = v
-    if not out: raise ParamsError("`eval.models` is empty: give at least base=<model reference>")
-    return out
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_map(cls, v): return parse_variants(v, "eval.models")
+
+    @field_validator("lmeval_tasks", mode="before")
+    @classmethod
+    def _tasks_list(cls, v): return [t for t in parse_list(v) if t.lower() != "none"]
 
 # %% ../nbs/05_eval.ipynb #64c76694
 def locate_model(ref: str, root: Path | None = None) -> tuple[str | None, str]:

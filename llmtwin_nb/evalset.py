@@ -15,11 +15,12 @@ from fastcore.basics import patch
 
 from .core import read_jsonl
 from .chunking import Chunk, STOP, content_words, split_sentences
+from .hygiene import ngrams
 
 # %% auto #0
-__all__ = ['SOURCE_PHRASE', 'GENERIC', 'resolve_sources', 'load_gold', 'ngrams', 'copied', 'good_question', 'key_terms',
-           'KeywordQuestions', 'llm_question', 'generate_questions', 'levenshtein_sim', 'context_precision',
-           'context_recall', 'rank_metrics', 'reused_rare_words']
+__all__ = ['SOURCE_PHRASE', 'GENERIC', 'resolve_sources', 'load_gold', 'copied', 'good_question', 'key_terms', 'KeywordQuestions',
+           'llm_question', 'generate_questions', 'levenshtein_sim', 'context_precision', 'context_recall',
+           'rank_metrics', 'reused_rare_words']
 
 # %% ../nbs/02_evalset.ipynb #d21e923b
 def resolve_sources(sources: list[dict], docs: list[dict]) -> list[str]:
@@ -46,10 +47,6 @@ def load_gold(path: str | Path, docs: list[dict]) -> list[dict]:
         items.append(dict(id=g["id"], question=g["question"], answer=g["answer"], doc_ids=ids, source="gold",
                           text=f"{g['question']}\n{g['answer']}"))
     return items
-
-def ngrams(text: str, n: int) -> set[tuple]:
-    w = re.findall(r"\w+", text.lower())
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 def copied(question: str, chunk: str, n: int = 5) -> bool:
     "True when the question shares a run of `n` words with the chunk (it was copied, not asked)."

@@ -15,7 +15,7 @@ from .core import hardware_info
 # %% auto #0
 __all__ = ['DROP_TAGS', 'BOILERPLATE', 'BOILERPLATE_LINES', 'BLOCK_TAGS', 'PII_PATTERNS', 'PII_LABEL', 'strip_boilerplate',
            'html_to_text', 'normalize_unicode', 'normalize_whitespace', 'mask_pii', 'shingles', 'MinHasher', 'jaccard',
-           'near_duplicate_pairs', 'sentences', 'generate_bench_docs', 'bench_clean_dedup']
+           'near_duplicate_pairs', 'ngrams', 'sentences', 'generate_bench_docs', 'bench_clean_dedup']
 
 # %% ../nbs/01_hygiene.ipynb #bb1934be
 from bs4 import BeautifulSoup, Comment, NavigableString, Tag
@@ -233,6 +233,12 @@ def near_duplicate_pairs(texts: list[str], threshold: float = 0.8, num_perm: int
         jac = jaccard(sh[i], sh[j])
         if jac >= threshold: out.append((i, j, round(jac, 4)))
     return out
+
+# %% ../nbs/01_hygiene.ipynb #f4fdbf8d
+def ngrams(text: str, n: int) -> set[tuple]:
+    "The set of `n`-word runs of `text` (lower-cased `\\w+` words): two texts share a run when their sets intersect."
+    w = re.findall(r"\w+", text.lower())
+    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 # %% ../nbs/01_hygiene.ipynb #fc910982
 _SENT = re.compile(r"(?<=[.!?])[\"')\]”’]*\s+(?=[A-Z0-9\"'(“‘#*-])")

@@ -10,14 +10,15 @@ from collections import Counter
 from pathlib import Path
 
 from .core import write_json, read_jsonl
+from .hygiene import ngrams
 
 # %% auto #0
 __all__ = ['SYSTEM_PROMPT', 'STOPWORDS', 'MAX_CODE_RATIO', 'SHOTS', 'BT_SYSTEM', 'WEAK_WORDS', 'PLATFORM_NAMES', 'split_extracts',
-           'language_stats', 'boilerplate_paragraphs', 'shingles', 'near_duplicates', 'load_evalsets', 'ngrams',
-           'Decontaminator', 'backtranslate_messages', 'validate_instruction', 'key_phrase', 'template_instruction',
-           'continuation_cue', 'outline_points', 'style_instruction', 'draw_task', 'book_messages', 'parse_pairs',
-           'chat_example', 'example_tokens', 'build_instruct_dataset', 'load_mix_rows', 'dataset_version',
-           'write_dataset_card', 'save_instruct_dataset', 'append_feedback_sft']
+           'language_stats', 'boilerplate_paragraphs', 'shingles', 'near_duplicates', 'load_evalsets', 'Decontaminator',
+           'backtranslate_messages', 'validate_instruction', 'key_phrase', 'template_instruction', 'continuation_cue',
+           'outline_points', 'style_instruction', 'draw_task', 'book_messages', 'parse_pairs', 'chat_example',
+           'example_tokens', 'build_instruct_dataset', 'load_mix_rows', 'dataset_version', 'write_dataset_card',
+           'save_instruct_dataset', 'append_feedback_sft']
 
 # %% ../nbs/03_instruct.ipynb #747904f2
 SYSTEM_PROMPT = "You are {author}. Write in your own voice."   # the twin's system prompt (training and inference)
@@ -110,10 +111,6 @@ def load_evalsets(folder: str | Path) -> dict[str, list[dict]]:
                 raise ValueError(f"{f}: item {i} has no string `text` field (evalset contract: id, text, doc_ids)")
         out[f.stem] = rows
     return out
-
-def ngrams(text: str, n: int) -> set:
-    w = _norm(text).split()
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
 
 class Decontaminator:
     "Flags texts sharing any word n-gram with an evaluation item; remembers which set and item matched."

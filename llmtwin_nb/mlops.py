@@ -11,13 +11,14 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import yaml
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .core import (ParamsError, Section, atomic_write_text, get_paths, hardware_info, load_embedder, load_params, read_jsonl,
                              register_params, section_params, seed_everything, write_json)
 from .data import mask_pii
 from .prompts import PromptRegistry
-from .routing import ABRouter, parse_variants, parse_weights
+from .core import parse_variants, parse_weights
+from .routing import ABRouter
 from .serve import ServerThread, create_app, repo_relative
 from .sources import reader_question, reader_questions
 from .traces import FEEDBACK_FILE, FeedbackLog, normalize_rating, read_traces
@@ -42,9 +43,10 @@ class MlopsParams(Section):
     sim_offtopic_fraction: float = Field(0.4, ge=0, le=1, description="share of off-topic questions in the recent window (simulated drift)")
     sim_correct_fraction: float = Field(0.5, ge=0, le=1, description="share of poorly rated answers the simulated user corrects")
     sim_failures: int = Field(3, ge=0, description="generation failures injected during the simulation (error-rate monitoring)")
-    variants: str = Field("twin=auto,base=packaged:smollm2-135m-instruct", min_length=3,
-                          description="the simulated service's A/B experiment: name=model pairs (as serve.variants; auto = the latest trained model)")
-    split: str = Field("twin=0.7,base=0.3", min_length=3, description="name=weight traffic split of the simulated service")
+    variants: dict[str, str] = Field(default_factory=lambda: {"twin": "auto", "base": "packaged:smollm2-135m-instruct"}, min_length=1,
+                                     description="the simulated service's A/B experiment: name -> model (as serve.variants; auto = the latest trained model)")
+    split: dict[str, float] = Field(default_factory=lambda: {"twin": 0.7, "base": 0.3}, min_length=1,
+                                    description="name -> weight traffic split of the simulated service (as serve.split)")
     ab_salt: str = Field("llmtwin-ab-1", min_length=1, description="salt of the simulated service's assignment")
     chosen_min_rating: int = Field(4, ge=1, le=5)
     rejected_max_rating: int = Field(2, ge=1, le=5)
@@ -65,9 +67,17 @@ class MlopsParams(Section):
     def _check(self):
         if self.rejected_max_rating >= self.chosen_min_rating:
             raise ValueError(f"rejected_max_rating ({self.rejected_max_rating}) must be below chosen_min_rating ({self.chosen_min_rating})")
-        v, s = parse_variants(self.variants, "mlops.variants"), parse_weights(self.split, "mlops.split")
+        v, s = self.variants, self.split
         if set(v) != set(s): raise ValueError(f"split names {sorted(s)} must match variants names {sorted(v)}")
         return self
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variants_map(cls, v): return parse_variants(v, "mlops.variants")
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _split_map(cls, v): return parse_weights(v, "mlops.split", normalize=False)
 
 # %% ../nbs/08_mlops.ipynb #25c22b64
 from .instruct import Decontaminator, SYSTEM_PROMPT, near_duplicates

@@ -20,7 +20,8 @@ from .core import (ParamsError, Section, register_params, section_params, get_pa
 from .data import load_documents
 from .chunking import (SPARSE, STOP, Chunk, EmbeddingCache, chunk_id, chunk_text, content_words, embed_texts,
                                  embedder_fp, heading_at, lexical_terms, n_tokens, sparse_doc_vector, sparse_query_vector, term_id)
-from .evalset import KeywordQuestions, ngrams
+from .evalset import KeywordQuestions
+from .hygiene import ngrams
 
 
 # %% auto #0

@@ -5,43 +5,14 @@
 # %% ../nbs/06f_routing.ipynb #cdbbc092
 from __future__ import annotations
 
-import hashlib, math, re
+import hashlib
 from collections import Counter
 from typing import Any
 
-from .core import ParamsError
+from .core import parse_weights
 
 # %% auto #0
-__all__ = ['parse_weights', 'parse_variants', 'assign_variant', 'ABRouter']
-
-# %% ../nbs/06f_routing.ipynb #8b6e29fc
-def parse_weights(spec: str | dict, what: str = "serve.split") -> dict[str, float]:
-    "`'a=0.7,b=0.3'` (or a dict) -> `{'a': 0.7, 'b': 0.3}`, normalised to sum 1; a clear error otherwise."
-    d = dict(spec) if isinstance(spec, dict) else {}
-    if not isinstance(spec, dict):
-        for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
-            name, eq, w = part.partition("=")
-            if not eq or not name.strip(): raise ParamsError(f"{what}: `{part}` must be name=weight, e.g. a=0.7,b=0.3")
-            try: d[name.strip()] = float(w)
-            except ValueError: raise ParamsError(f"{what}: weight of `{name.strip()}` is {w!r}, not a number") from None
-    if not d: raise ParamsError(f"{what} is empty: give at least one name=weight, e.g. a=0.5,b=0.5")
-    bad = {k: v for k, v in d.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= 0)}
-    if bad: raise ParamsError(f"{what}: weights must be finite and >= 0, got {bad}")
-    tot = sum(d.values())
-    if tot <= 0: raise ParamsError(f"{what}: the weights sum to 0; give at least one positive weight")
-    return {k: v / tot for k, v in d.items()}
-
-def parse_variants(spec: str | dict, what: str = "serve.variants") -> dict[str, str]:
-    "`'a=packaged:x,b=models/dpo/merged'` -> `{'a': 'packaged:x', 'b': 'models/dpo/merged'}` (name -> model reference)."
-    if isinstance(spec, dict): return dict(spec)
-    out = {}
-    for part in [p.strip() for p in str(spec).split(",") if p.strip()]:
-        name, eq, ref = part.partition("=")
-        if not eq or not name.strip() or not ref.strip(): raise ParamsError(f"{what}: `{part}` must be name=model_reference")
-        if not re.fullmatch(r"[A-Za-z0-9_-]+", name.strip()): raise ParamsError(f"{what}: name `{name}` may use letters, digits, _ and - only")
-        out[name.strip()] = ref.strip()
-    if not out: raise ParamsError(f"{what} is empty: give name=model pairs, e.g. a=models/sft/merged,b=models/dpo/merged")
-    return out
+__all__ = ['assign_variant', 'ABRouter']
 
 # %% ../nbs/06f_routing.ipynb #088dae0c
 def assign_variant(key: str, variants: dict[str, float] | str, salt: str = "") -> str:

@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from fastcore.basics import patch
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from .core import (ChatResult, OpenAIChatBackend, ParamsError, Section, UpstreamError, get_paths, load_llm, register_params,
                              section_params, seed_everything)
@@ -23,7 +23,8 @@ from .engine import BatchEngine, QueueFull
 from .api import (ApiError, BodyLimit, ChatRequest, RagRequest, ServeMetrics, StreamMasker, explain_validation, parse_body,
                             sse_chunk)
 from .prompts import PromptRegistry, cited_numbers, find_injection
-from .routing import ABRouter, parse_variants, parse_weights
+from .core import parse_variants, parse_weights
+from .routing import ABRouter
 from .sources import Retriever, Source, load_retriever
 from .traces import FEEDBACK_FILE, FeedbackIn, FeedbackLog, TraceIndex, Tracer, normalize_rating
 
@@ -63,9 +64,11 @@ class ServeParams(Section):
     pii_mask: bool = True
     injection_action: Literal["flag", "refuse"] = "flag"
     trace_path: str = Field("results/traces/serve.jsonl", min_length=1, description="JSONL trace log; feedback goes to feedback.jsonl next to it")
-    variants: Optional[str] = Field(None, description="A/B: name=model pairs served side by side, e.g. sft=models/sft/merged,dpo=models/dpo/merged "
-                                    "(backend openai: upstream model names); null: one variant `main` serving serve.model")
-    split: Optional[str] = Field(None, description="A/B traffic split name=weight (null: equal shares)")
+    variants: Optional[dict[str, str]] = Field(None, description="A/B: name -> model served side by side, e.g. {sft: models/sft/merged, "
+                                               "dpo: models/dpo/merged} (backend openai: upstream model names; a comma string "
+                                               "sft=...,dpo=... is read as one); null: one variant `main` serving serve.model")
+    split: Optional[dict[str, float]] = Field(None, description="A/B traffic split name -> weight (a comma string a=0.7,b=0.3 is read as "
+                                              "one; null: equal shares)")
     ab_salt: str = Field("llmtwin-ab-1", min_length=1, description="hashed with the user key to pick the variant; change it to reshuffle users")
     prompts_dir: str = Field("prompts", min_length=1, description="versioned prompt templates (*.yaml), relative to the repository root")
     rag_template: str = Field("rag_answer", pattern=r"^[a-z0-9_]+(@v[0-9]+)?$", description="template of RAG answers: an id (latest version) or id@vN")
@@ -105,13 +108,21 @@ class ServeParams(Section):
         bad = {k: v for k, v in self.prices.items() if len(v) != 2 or not all(math.isfinite(x) and x >= 0 for x in v)}
         if bad: raise ValueError(f"serve.prices: each entry is [prompt, completion] USD per million tokens (two numbers >= 0), got {bad}")
         v = self.variant_refs()
-        if self.split is not None and set(parse_weights(self.split)) != set(v):
-            raise ValueError(f"serve.split names {sorted(parse_weights(self.split))} must match serve.variants names {sorted(v)}")
+        if self.split is not None and set(self.split) != set(v):
+            raise ValueError(f"serve.split names {sorted(self.split)} must match serve.variants names {sorted(v)}")
         return self
+
+    @field_validator("variants", mode="before")
+    @classmethod
+    def _variants_map(cls, v): return None if v is None or v == "" else parse_variants(v, "serve.variants")
+
+    @field_validator("split", mode="before")
+    @classmethod
+    def _split_map(cls, v): return None if v is None else parse_weights(v, "serve.split", normalize=False)
 
     def variant_refs(self) -> dict[str, str]:
         "name -> model reference of every variant served (`{'main': serve.model}` unless serve.variants is set)."
-        if self.variants: return parse_variants(self.variants)
+        if self.variants: return dict(self.variants)
         return {"main": self.upstream_model if self.backend == "openai" else self.model}
 
     def cost_usd(self, model_ref: str, prompt_tokens: int, completion_tokens: int) -> float | None:

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from .core import (ParamsError, Section, register_params, section_params, load_params, add_params_args, get_paths,
                              write_json, seed_everything, pick_device, pick_dtype, load_llm, resolve_model)
 from .instruct import SYSTEM_PROMPT, example_tokens, dataset_version
+from .core import parse_list
 
 # %% auto #0
 __all__ = ['TRAIN_KEYS', 'CONFIG_FILE', 'SftParams', 'CheckpointMismatch', 'train_config', 'last_checkpoint', 'check_checkpoint',
@@ -44,7 +45,8 @@ class SftParams(Section):
     lora_alpha: int = Field(32, gt=0)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
     lora_layers: int = Field(0, ge=0, description="adapt only the top N transformer layers (0: all); the backward pass stops below them")
-    target_modules: str = Field("q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", min_length=1)
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                      min_length=1, description="LoRA-adapted projections: a list (a comma string, e.g. from -S, is read as one)")
     learning_rate: float = Field(3e-4, gt=0, lt=1)
     lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
@@ -71,6 +73,10 @@ class SftParams(Section):
                     "gets no continuation); a task's row that is too long or repeats an instruction is dropped, not replaced")
     llm_cache: str = Field("artifacts/llm_cache/sft", min_length=1, description="LLM response cache of this stage (a persisted DVC output: pulled with the dataset, a rerun replays the same instructions)")
     keep_checkpoints: bool = False
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _modules_list(cls, v): return parse_list(v)
 
     @field_validator("task_mix")
     @classmethod
@@ -104,6 +110,7 @@ CONFIG_FILE = "llmtwin_sft_config.json"
 def train_config(cfg: SftParams, base_model: str, data_version: str, seed: int) -> dict:
     "What determines a training run: base model, data version, seed and the training params (hashed)."
     c = dict(base_model=base_model, data_version=data_version, seed=seed, **{k: getattr(cfg, k) for k in TRAIN_KEYS})
+    c["target_modules"] = ",".join(cfg.target_modules)     # hashed in its comma form: the hashes of earlier runs stay valid
     return dict(c, config_hash=hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:12])
 
 def last_checkpoint(folder: str | Path) -> Path | None:
@@ -251,7 +258,7 @@ def _lora_config(cfg: SftParams, model, base_model: str):
     if cfg.lora_layers > n_layers: raise ValueError(f"sft.lora_layers = {cfg.lora_layers} but {base_model} has {n_layers} layers; use 0 (all) up to {n_layers}")
     top = dict(layers_to_transform=list(range(n_layers - cfg.lora_layers, n_layers)), layers_pattern="layers") if cfg.lora_layers else {}
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-                      target_modules=[m.strip() for m in cfg.target_modules.split(",")], **top)
+                      target_modules=list(cfg.target_modules), **top)
 
 def _run_metrics(trainer, out, eval_ds, dev: str, ckpt: Path | None) -> dict:
     "Metrics of a finished run: final eval loss (one more evaluation unless the last step logged one), loss and speed summaries."

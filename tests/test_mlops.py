@@ -13,7 +13,8 @@ from llmtwin_nb.instruct import append_feedback_sft
 from llmtwin_nb.mlops import (FEEDBACK_STAGE_PARAMS, OFF_TOPIC_QUESTIONS, build_feedback_data, cost_per_variant, drift_check,
                               feedback_to_data, run_simulation, sim_requests, topic_questions, training_reference)
 from llmtwin_nb.prompts import PromptRegistry
-from llmtwin_nb.routing import ABRouter, assign_variant, parse_weights
+from llmtwin_nb.core import parse_weights
+from llmtwin_nb.routing import ABRouter, assign_variant
 from llmtwin_nb.traces import FeedbackLog, read_traces
 
 ROOT = Path(__file__).resolve().parents[1]
