@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Quickstart 2: set up and pass the tests. The pipeline on the smoke profile once per sample author (the demo author as
 # the twin, then the second author as the twin with the demo as the other author), each in a throwaway copy of the
-# working tree (scripts/smoke.py); every notebook under nbdev_test and pytest run inside the first copy (they read
-# its pipeline outputs) while the second author's pipeline runs. Finally the workspace must be exactly as it was:
-# tests never touch results/, dvc.lock or params.
+# working tree (scripts/smoke.py); then every notebook under nbdev_test and pytest, inside the first copy (they read
+# its pipeline outputs). Finally the workspace must be exactly as it was: tests never touch results/, dvc.lock or params.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -19,13 +18,7 @@ work=${LLMTWIN_TEST_DIR:-$(mktemp -d)}
 
 step "llmtwin-check-params" llmtwin-check-params params.yaml
 step "smoke pipeline, twin = Ilse Marchetti" python scripts/smoke.py "$work/ilse"
-# The second author's pipeline runs beside the notebook tests and pytest, which read only the first copy: they spend
-# much of their time waiting on loopback servers, subprocesses and disk (pytest averages under half a core), so the
-# two overlap instead of adding up. Its output is printed when it ends.
-marisol_log=$(mktemp)
-python scripts/smoke.py "$work/marisol" "data.author=Marisol Vega" >"$marisol_log" 2>&1 &
-marisol_pid=$!
-finish() { wait "$1"; local rc=$?; cat "$2"; rm -f "$2"; return $rc; }
+step "smoke pipeline, twin = Marisol Vega" python scripts/smoke.py "$work/marisol" "data.author=Marisol Vega"
 if [ -d "$work/ilse" ]; then
   pushd "$work/ilse" >/dev/null; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   for nb in nbs/[0-9]*.ipynb; do step "nbdev_test $nb" nbdev_test --path "$nb" --do_print; done
@@ -38,7 +31,6 @@ if [ -d "$work/ilse" ]; then
   passed=$((passed+p)); failed=$((failed+${f:-0}))
   popd >/dev/null
 fi
-step "smoke pipeline, twin = Marisol Vega (ran beside the tests above)" finish "$marisol_pid" "$marisol_log"
 step "the test command left the workspace as it was (git status, git diff)" test "$(workspace_state | sha1sum)" = "$before"
 [ -z "${LLMTWIN_TEST_DIR:-}" ] && rm -rf "$work"
 [ ${#failures[@]} -gt 0 ] && printf 'failed: %s\n' "${failures[@]}"
