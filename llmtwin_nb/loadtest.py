@@ -85,7 +85,7 @@ def compare_schedulers(url: str, engine: BatchEngine, payloads: list[dict], rate
                 engine.use(s)
                 r = load_test(url, payloads, len(payloads), arrivals=arrivals, stream=True)
                 table.append(dict(rate=rate, scheduler=s, **{k: r[k] for k in ("requests", "errors", "requests_per_s", "tokens_per_s",
-                                  "ttft_ms_p50", "ttft_ms_p95", "p50_ms", "p95_ms", "completion_tokens", "wall_s")}))
+                                  "ttft_ms_p50", "ttft_ms_p95", "p50_ms", "p95_ms", "completion_tokens", "wall_s", "error_samples")}))
     finally: engine.use(keep)
     row = {(t["rate"], t["scheduler"]): t for t in table}
     sat = next((x for x in rates if row[(x, "static")]["requests_per_s"] < saturated * x), rates[-1])
