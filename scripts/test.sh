@@ -23,7 +23,7 @@ if [ -d "$work/ilse" ]; then
   pushd "$work/ilse" >/dev/null; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   for nb in nbs/[0-9]*.ipynb; do step "nbdev_test $nb" nbdev_test --path "$nb" --do_print; done
   pytest_log=$(mktemp)
-  LLMTWIN_SMOKE_COPY=1 python -m pytest -q 2>&1 | tee "$pytest_log"; rc=${PIPESTATUS[0]}
+  LLMTWIN_SMOKE_COPY=1 python -m pytest -q --durations=15 2>&1 | tee "$pytest_log"; rc=${PIPESTATUS[0]}
   p=$(grep -Eo '[0-9]+ passed' "$pytest_log" | tail -1 | grep -Eo '[0-9]+' || echo 0)
   f=$(grep -Eo '[0-9]+ (failed|errors?)' "$pytest_log" | awk '{s+=$1} END {print s+0}')
   [ "$rc" -ne 0 ] && [ "${f:-0}" -eq 0 ] && f=1 && failures+=("pytest exit $rc")
