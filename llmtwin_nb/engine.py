@@ -238,11 +238,13 @@ def _admit(self: ContinuousScheduler, batch: RunningBatch):
             if rows and rows[-1].job is j: rows.pop(); prompts.pop()
             self._fail(j, e)
     if not rows: return
+    t0 = time.perf_counter()
     try:
         with torch.inference_mode(): cache, mask, logits = batch.prefill(prompts)
     except Exception as e:                      # the shared prefill broke: each newcomer fails (the running rows go on)
         for r in rows: self._fail(r.job, e)
         return
+    finally: self.prefill_seconds += time.perf_counter() - t0     # the running rows wait meanwhile
     keep = [i for i, (r, lg) in enumerate(zip(rows, logits)) if self._advance(r, lg, "prefill")]
     if len(keep) < len(rows):
         if not keep: return
@@ -360,6 +362,7 @@ class BatchEngine(ContinuousScheduler, StaticScheduler, UpstreamDispatch):
         self.fail_next = 0                    # tests: the next n requests fail (alone) with an injected error
         self.fault: Callable[[GenJob, str], None] | None = None   # tests: called per request and phase ("prefill", "decode"); raising fails that request
         self.stats = Counter(); self.batch_sizes = Counter(); self.batch_seconds = 0.0
+        self.prefill_seconds = 0.0            # continuous: time spent prefilling newcomers (the running batch waits)
         self.on_batch: Callable[[int, float], None] | None = None     # called with (batch size, seconds) after each batch or step (metrics)
         self._pool = None                     # openai backend: one thread per request in flight (created on first use)
 

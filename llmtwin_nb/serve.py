@@ -91,12 +91,16 @@ class ServeParams(Section):
     load_max_tokens: int = Field(16, gt=0)
     bench_rates: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1,
                                      description="scheduler benchmark: Poisson arrival rates (requests/s), one run per rate and scheduler")
-    bench_requests: int = Field(12, ge=2, description="scheduler benchmark: requests per rate")
-    bench_max_tokens: int = Field(20, gt=0, description="scheduler benchmark: new tokens per request")
+    bench_requests: int = Field(24, ge=2, description="scheduler benchmark: requests per rate")
+    bench_min_tokens: int = Field(4, gt=0, description="scheduler benchmark: fewest new tokens a request asks for")
+    bench_max_tokens: int = Field(36, gt=0, description="scheduler benchmark: most new tokens a request asks for (each request's "
+                                  "length is drawn uniformly between the two, seeded: answers differ in length)")
     bench_seed: int = Field(0, description="scheduler benchmark: seed of the arrival times")
 
     @model_validator(mode="after")
     def _check(self):
+        if self.bench_min_tokens > self.bench_max_tokens:
+            raise ValueError(f"bench_min_tokens ({self.bench_min_tokens}) must be <= bench_max_tokens ({self.bench_max_tokens})")
         if self.default_max_tokens > self.max_new_tokens:
             raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= max_new_tokens ({self.max_new_tokens})")
         if self.backend == "openai" and not (self.base_url and self.upstream_model):
