@@ -415,6 +415,8 @@ def test_variant_params_are_checked(tmp_path):
         section_params("serve", variants="a=x,b")
     with pytest.raises(ParamsError, match="may not be named feedback.jsonl"):
         section_params("serve", trace_path="logs/feedback.jsonl")
+    with pytest.raises(ParamsError, match=r"bench_min_tokens \(40\) must be <= bench_max_tokens \(36\)"):
+        section_params("serve", bench_min_tokens=40)
     assert section_params("serve").variant_refs() == {"main": "auto"} and section_params("serve").weights() == {"main": 1.0}
     with pytest.raises(FileNotFoundError, match="serve.prompts_dir"):
         create_app(section_params("serve", prompts_dir=str(tmp_path/"none")))
