@@ -6,6 +6,7 @@ workspace's results/, dvc.lock, params.yaml and artifacts stay exactly as they w
 
     python scripts/smoke.py DEST [section.key=value ...]     e.g.  python scripts/smoke.py /tmp/mv "data.author=Marisol Vega"
     python scripts/smoke.py --default DEST [overrides ...]   the same on the default profile (a full run, ~25+ min)
+    python scripts/smoke.py --until eval DEST [overrides ...] only the stages up to and including `eval` (`dvc repro eval`)
 """
 import os, shutil, subprocess, sys, time
 from pathlib import Path
@@ -33,7 +34,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     profile = "default" if argv[:1] == ["--default"] else "smoke"
     argv = argv[1:] if profile == "default" else argv
-    if not argv: sys.exit(__doc__)
+    until = argv[1:2] if argv[:1] == ["--until"] else []
+    argv = argv[2:] if argv[:1] == ["--until"] else argv
+    if not argv or argv[0].startswith("-"): sys.exit(__doc__)
     dest, overrides = Path(argv[0]).resolve(), argv[1:]
     params = smoke_params(overrides, profile)
     if dest.exists(): shutil.rmtree(dest)
@@ -44,8 +47,8 @@ def main(argv=None):
     git = ["git", "-c", "user.name=smoke", "-c", "user.email=smoke@localhost"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "smoke copy"]): subprocess.run(git + cmd, cwd=dest, check=True)
     env = {**os.environ, "PYTHONPATH": f"{dest}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    print(f"{profile} pipeline in {dest} ({' '.join(overrides) or 'no overrides'})", flush=True)
-    t0 = time.time(); rc = subprocess.run(["dvc", "repro"], cwd=dest, env=env).returncode
+    print(f"{profile} pipeline{' up to ' + until[0] if until else ''} in {dest} ({' '.join(overrides) or 'no overrides'})", flush=True)
+    t0 = time.time(); rc = subprocess.run(["dvc", "repro", *until], cwd=dest, env=env).returncode
     print(f"{profile} pipeline: exit {rc} in {time.time() - t0:.0f}s", flush=True)
     return rc
 

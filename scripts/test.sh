@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Quickstart 2: set up and pass the tests. The pipeline on the smoke profile once per sample author (the demo author as
-# the twin, then the second author as the twin with the demo as the other author), each in a throwaway copy of the
-# working tree (scripts/smoke.py); then every notebook under nbdev_test and pytest, inside the first copy (they read
-# its pipeline outputs). Finally the workspace must be exactly as it was: tests never touch results/, dvc.lock or params.
+# Quickstart 2: set up and pass the tests. The pipeline on the smoke profile once per sample author, each in a throwaway
+# copy of the working tree (scripts/smoke.py): the demo author as the twin through every stage, then the second author as
+# the twin with the demo as the other author through evaluation (the stages where the author's export, documents and
+# voice matter; the later ones take the twin's model and held-out documents through the same code as the first run);
+# then every notebook under nbdev_test and pytest, inside the first copy (they read its pipeline outputs). Finally the workspace must be exactly as it was: tests never touch results/, dvc.lock or params.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
@@ -18,7 +19,7 @@ work=${LLMTWIN_TEST_DIR:-$(mktemp -d)}
 
 step "llmtwin-check-params" llmtwin-check-params params.yaml
 step "smoke pipeline, twin = Ilse Marchetti" python scripts/smoke.py "$work/ilse"
-step "smoke pipeline, twin = Marisol Vega" python scripts/smoke.py "$work/marisol" "data.author=Marisol Vega"
+step "smoke pipeline through eval, twin = Marisol Vega" python scripts/smoke.py --until eval "$work/marisol" "data.author=Marisol Vega"
 if [ -d "$work/ilse" ]; then
   pushd "$work/ilse" >/dev/null; export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
   for nb in nbs/[0-9]*.ipynb; do step "nbdev_test $nb" nbdev_test --path "$nb" --do_print; done
