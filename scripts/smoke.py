@@ -6,7 +6,7 @@ workspace's results/, dvc.lock, params.yaml and artifacts stay exactly as they w
 
     python scripts/smoke.py DEST [section.key=value ...]     e.g.  python scripts/smoke.py /tmp/mv "data.author=Marisol Vega"
     python scripts/smoke.py --default DEST [overrides ...]   the same on the default profile (a full run, ~25+ min)
-    python scripts/smoke.py --until eval DEST [overrides ...] only the stages up to and including `eval` (`dvc repro eval`)
+    python scripts/smoke.py --until STAGE DEST [overrides ...] only STAGE and the stages it needs (`dvc repro STAGE`), e.g. eval
 """
 import os, shutil, subprocess, sys, time
 from pathlib import Path
@@ -34,8 +34,7 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     profile = "default" if argv[:1] == ["--default"] else "smoke"
     argv = argv[1:] if profile == "default" else argv
-    until = argv[1:2] if argv[:1] == ["--until"] else []
-    argv = argv[2:] if argv[:1] == ["--until"] else argv
+    until, argv = (argv[1:2], argv[2:]) if argv[:1] == ["--until"] else ([], argv)
     if not argv or argv[0].startswith("-"): sys.exit(__doc__)
     dest, overrides = Path(argv[0]).resolve(), argv[1:]
     params = smoke_params(overrides, profile)

@@ -3,7 +3,8 @@
 # copy of the working tree (scripts/smoke.py): the demo author as the twin through every stage, then the second author as
 # the twin with the demo as the other author through evaluation (the stages where the author's export, documents and
 # voice matter; the later ones take the twin's model and held-out documents through the same code as the first run);
-# then every notebook under nbdev_test and pytest, inside the first copy (they read its pipeline outputs). Finally the workspace must be exactly as it was: tests never touch results/, dvc.lock or params.
+# then every notebook under nbdev_test and pytest, inside the first copy (they read its pipeline outputs). Finally the
+# workspace must be exactly as it was: tests never touch results/, dvc.lock or params.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
