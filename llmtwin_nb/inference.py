@@ -407,14 +407,21 @@ def quantize_int8_dynamic(model):
         return torch.ao.quantization.quantize_dynamic(q, {nn.Linear}, dtype=torch.qint8)
 
 # %% ../nbs/06_inference.ipynb #e5421f60
-def roofline_bound(weight_bytes: int, dram_gbs: float, working_set_gbs: float, llc_bytes: int = 0, margin: float = 1.3) -> dict:
+def roofline_bound(weight_bytes: int, dram_gbs: float, working_set_gbs: float, llc_bytes: int = 0, margin: float = 1.3,
+                   max_cache_ratio: float = 2.0) -> dict:
     """Which memory level bounds decoding: `cache-resident` when re-reading a weight-sized working set runs more than
-    `margin` x faster than DRAM (the weights stay in cache between steps), else `DRAM`; `bandwidth_gbs` is the one that applies."""
+    `margin` x faster than DRAM *and* the weights are at most `max_cache_ratio` x the last-level cache (`llc_bytes`;
+    0: unknown, the measurement decides), else `DRAM`; `bandwidth_gbs` is the one that applies."""
     if dram_gbs <= 0 or working_set_gbs <= 0: raise ValueError("bandwidths must be positive")
-    cached = working_set_gbs > margin * dram_gbs
+    faster = working_set_gbs > margin * dram_gbs
+    fits = llc_bytes <= 0 or weight_bytes <= max_cache_ratio * llc_bytes   # a set many times the cache cannot stay in it
+    cached = faster and fits
+    reason = ("re-read faster than DRAM and the weights fit the cache" if cached else
+              f"weights {weight_bytes / max(llc_bytes, 1):.0f}x the last-level cache" if faster else
+              "re-read no faster than DRAM")
     return dict(bound="cache-resident" if cached else "DRAM", bandwidth_gbs=round(working_set_gbs if cached else dram_gbs, 2),
                 working_set_mb=round(weight_bytes / 2**20, 1), last_level_cache_mb=round(llc_bytes / 2**20, 1),
-                working_set_gbs=round(working_set_gbs, 2), dram_gbs=round(dram_gbs, 2))
+                working_set_gbs=round(working_set_gbs, 2), dram_gbs=round(dram_gbs, 2), reason=reason)
 
 def roofline(decode_tokens_per_s: float, weight_bytes_per_token: int, kv_bytes: int, bandwidth_gbs: float, batch: int = 1) -> dict:
     "Achieved memory bandwidth of batch decoding and its fraction of the measured bandwidth."

@@ -95,7 +95,7 @@ class ServeParams(Section):
     bench_min_tokens: int = Field(4, gt=0, description="scheduler benchmark: fewest new tokens a request asks for")
     bench_max_tokens: int = Field(36, gt=0, description="scheduler benchmark: most new tokens a request asks for (each request's "
                                   "length is drawn uniformly between the two, seeded: answers differ in length)")
-    bench_seed: int = Field(0, description="scheduler benchmark: seed of the arrival times")
+    bench_seed: int = Field(0, description="scheduler benchmark: seed of the arrival times and of the answer lengths")
 
     @model_validator(mode="after")
     def _check(self):

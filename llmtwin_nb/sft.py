@@ -68,7 +68,7 @@ class SftParams(Section):
                                        description="relative weights of the style tasks drawn for train extracts without an LLM instruction "
                                                    "(section | continuation | outline); test extracts: test_tasks")
     test_tasks: list[Literal["section", "continuation", "outline"]] = Field(
-        default_factory=lambda: ["section", "continuation"], min_length=1,
+        default_factory=lambda: ["section", "continuation", "outline"], min_length=1,
         description="every test extract is asked once per task (section: its LLM instruction or section/opening task; a first extract "
                     "gets no continuation); a task's row that is too long or repeats an instruction is dropped, not replaced")
     llm_cache: str = Field("artifacts/llm_cache/sft", min_length=1, description="LLM response cache of this stage (a persisted DVC output: pulled with the dataset, a rerun replays the same instructions)")

@@ -95,7 +95,7 @@ def test_builder_respects_split_and_decontaminates(base, tmp_path):
     answers = [r["completion"][0]["content"] for s in ds for r in ds[s]]
     assert not any(secret in a for a in answers) and len(answers) == rep["extracts"] - 1
     assert set(rep["instruction_source"]) <= {"section", "opening", "continuation", "outline"} and rep.get("llm_calls", 0) == 0
-    assert set(ds["test"]["instruction_source"]) <= {"section", "opening", "continuation"}   # sft.test_tasks: section, continuation
+    assert set(ds["test"]["instruction_source"]) <= {"section", "opening", "continuation", "outline"}   # sft.test_tasks
     assert {"continuation", "outline"} & set(ds["train"]["instruction_source"])
     assert all(r["prompt"][0]["content"] == "You are Ilse Marchetti. Write in your own voice." for r in ds["train"])
     # same seed, same rows
@@ -144,8 +144,8 @@ def test_test_tasks_ask_every_test_extract_once_per_task(base):
     para = lambda i, j: (f"Here's the thing about system {i} part {j}: we measured the latency of the service for a week and the "
                          f"p95 was {100 + i * 10 + j} ms while the mean looked fine, so we fixed the slow path in module {i}{j} first.")
     docs = [_doc(i, "test" if i == 3 else "train", "\n\n".join(para(i, j) for j in range(3))) for i in range(4)]
-    cfg = section_params("sft", dict(extract_min_chars=100, extract_max_chars=300, max_llm_calls=0, max_length=192, dedup_jaccard=0.95))
-    assert cfg.test_tasks == ["section", "continuation"]
+    cfg = section_params("sft", dict(extract_min_chars=100, extract_max_chars=300, max_llm_calls=0, max_length=192, dedup_jaccard=0.95,
+                                     test_tasks=["section", "continuation"]))
     ds, rep = build_instruct_dataset(docs, tok, cfg, seed=1, log=lambda *a: None)
     assert rep["test_tasks"] == {"opening": 1, "section": 2, "continuation": 2} and rep["test_task_dropped"] == 0
     assert len(ds["test"]) == rep["test_examples"] == 5 and set(ds["test"]["doc_id"]) == {docs[3]["id"]}
