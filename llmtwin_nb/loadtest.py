@@ -73,27 +73,30 @@ def load_test(url: str, payloads: list[dict], concurrency: int = 8, headers: dic
 
 # %% ../nbs/06h_loadtest.ipynb #ceaa9256
 def compare_schedulers(url: str, engine: BatchEngine, payloads: list[dict], rates: list[float], seed: int = 0,
-                       schedulers=("static", "continuous"), plateau: float = 0.9) -> dict:
+                       schedulers=("static", "continuous"), plateau: float = 0.9, burst: list[dict] | None = None) -> dict:
     """Static vs continuous batching on the same server under the same Poisson arrivals (one seeded schedule per rate),
-    streamed so that the time to first token is measured. Static *saturates* where its throughput stops growing with the
-    offered load: at the lowest rate where it already delivers `plateau` x its best tokens/s over the rates (a finite run
-    never completes quite as fast as requests arrive, so comparing with the offered rate misreads a light load as
-    saturation). The headline numbers are taken there. `prefill_s` (continuous): the time its running batch stood still
-    while newcomers were prefilled (static prefills inside its `generate` call, not timed apart)."""
-    table, keep = [], engine.scheduler
+    streamed so that the time to first token is measured; then, if `burst` is given, those requests all at once (rate
+    `"burst"`: the limit of a rising rate, where any server saturates; give it more requests than a rate, so that its
+    throughput outlasts the start, batches filling, and the tail, the last long answers). Static *saturates* where its
+    throughput stops growing with the offered load: at the lowest rate where it already delivers `plateau` x its best
+    tokens/s (a finite run never completes quite as fast as requests arrive, so comparing with the offered rate misreads
+    a light load as saturation). The headline numbers are taken there. `prefill_s` (continuous): the time its running
+    batch stood still while newcomers were prefilled (static prefills inside its `generate` call, not timed apart)."""
+    points, table, keep = [*rates, *(["burst"] if burst else [])], [], engine.scheduler
     try:
-        for rate in rates:
-            arrivals = poisson_arrivals(len(payloads), rate, seed)
+        for rate in points:
+            load = burst if rate == "burst" else payloads
+            arrivals = [0.0] * len(load) if rate == "burst" else poisson_arrivals(len(load), rate, seed)
             for s in schedulers:
                 engine.use(s); p0 = engine.prefill_seconds
-                r = load_test(url, payloads, len(payloads), arrivals=arrivals, stream=True)
+                r = load_test(url, load, len(load), arrivals=arrivals, stream=True)
                 table.append(dict(rate=rate, scheduler=s, **{k: r[k] for k in ("requests", "errors", "requests_per_s", "tokens_per_s",
                                   "ttft_ms_p50", "ttft_ms_p95", "p50_ms", "p95_ms", "completion_tokens", "wall_s", "error_samples")},
                                   prefill_s=round(engine.prefill_seconds - p0, 2) if s == "continuous" else None))
     finally: engine.use(keep)
     row = {(t["rate"], t["scheduler"]): t for t in table}
-    best = max(row[(x, "static")]["tokens_per_s"] for x in rates)
-    sat = next(x for x in rates if row[(x, "static")]["tokens_per_s"] >= plateau * best)
+    best = max(row[(x, "static")]["tokens_per_s"] for x in points)
+    sat = next(x for x in points if row[(x, "static")]["tokens_per_s"] >= plateau * best)
     st, co = row[(sat, "static")], row[(sat, "continuous")]
     return dict(saturation_rate=sat, continuous_vs_static_throughput=round(co["tokens_per_s"] / st["tokens_per_s"], 2),
                 ttft_ms_p50=co["ttft_ms_p50"], ttft_ms_p95=co["ttft_ms_p95"], static_ttft_ms_p50=st["ttft_ms_p50"],

@@ -426,7 +426,6 @@ def run_simulation(requests: list[dict], *, serve_cfg: dict, logs_dir: str | Pat
                    root: str | Path | None = None, models_llm: str = "packaged:smollm2-135m-instruct", models: dict | None = None,
                    device: str = "auto", seed: int = 42, log=print) -> dict:
     "Serve `requests` through chapter 7's real app (one app, its own A/B assignment, uvicorn on loopback) into `logs_dir`; simulated users rate/correct via its /feedback."
-    rng = random.Random(seed)
     logs_dir = Path(logs_dir); logs_dir.mkdir(parents=True, exist_ok=True)
     for f in (TRACES_FILE, FEEDBACK_FILE): (logs_dir/f).unlink(missing_ok=True)
     scfg = section_params("serve", {**serve_cfg, "trace_path": str((logs_dir/TRACES_FILE).resolve())})
@@ -454,14 +453,16 @@ def run_simulation(requests: list[dict], *, serve_cfg: dict, logs_dir: str | Pat
             vi = embedder.encode([b for _, b in pairs], normalize_embeddings=True, batch_size=64)
             sims = iter((va * vi).sum(1).tolist())
         bodies = []
-        for r in ok:
+        for r in ok:      # each request's user draws from its own seeded stream: one answer rated differently (another
+            rng = random.Random(f"{seed}-{r['i']}")     # CPU's last bits) must not shift every later user's draws
+            changes_mind = rng.random() < 0.05
             rating = simulated_rating(next(sims) if r["ideal"] else None, rng)
             body = dict(trace_id=r["trace_id"], rating=rating, user=r["user"])
             if rating <= 2 and r["ideal"] and rng.random() < correct_fraction:
                 body["corrected_text"] = r["ideal"] + (f" More at {email}." if rng.random() < 0.2 else "")
             elif rating in (1, 5) and rng.random() < 0.3: body["rating"] = "up" if rating == 5 else "down"
             bodies.append(body)
-            if rng.random() < 0.05: bodies.append(dict(body, rating=min(5, rating + 1)))      # a user changes their mind
+            if changes_mind: bodies.append(dict(body, rating=min(5, rating + 1)))      # a user changes their mind
         tid = ok[0]["trace_id"] if ok else "x"
         bad = [{"trace_id": "0" * 32, "rating": 3}, {"trace_id": tid, "rating": 11}, {"trace_id": tid, "rating": "great"}]
         codes = _run_async(_post_feedback(url, bodies + bad, concurrency))

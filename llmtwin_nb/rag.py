@@ -593,9 +593,13 @@ def _retrieve(self: Retriever, query, k, filters, expansion, self_query, rerank,
     return hits[:k]
 
 # %% ../nbs/02_rag.ipynb #48e11822
-def assemble_context(hits: list[Hit], tokenizer, max_tokens: int = 1024) -> tuple[str, list[dict]]:
-    "Numbered sources `[n] title (url)` followed by their chunks, within `max_tokens` LLM tokens."
-    def ntok(s): return len(tokenizer(s, add_special_tokens=False)["input_ids"])
+def assemble_context(hits: list[Hit], tokenizer=None, max_tokens: int = 1024) -> tuple[str, list[dict]]:
+    """Numbered sources `[n] title (url)` followed by their chunks, within `max_tokens` LLM tokens (4 characters a token
+    without a tokenizer); two chunks of one document share its number. The one context assembly of the course."""
+    def ntok(s): return len(tokenizer(s, add_special_tokens=False)["input_ids"]) if tokenizer is not None else max(1, len(s) // 4)
+    def head_of(s, n):                                               # the first n tokens of s
+        if tokenizer is None: return s if len(s) <= 4 * n else s[:4 * n].rsplit(" ", 1)[0]
+        return tokenizer.decode(tokenizer(s, add_special_tokens=False)["input_ids"][:n])
     sources, blocks, used = {}, [], 0
     for h in hits:
         n = sources.get(h.doc_id, {}).get("n") or len(sources) + 1
@@ -605,8 +609,7 @@ def assemble_context(hits: list[Hit], tokenizer, max_tokens: int = 1024) -> tupl
         if used + cost > max_tokens:
             room = max_tokens - used - ntok(head) - 4
             if room < 32: break                                      # not even a useful piece fits
-            ids = tokenizer(h.text, add_special_tokens=False)["input_ids"][:room]
-            block = f"{head}\n{tokenizer.decode(ids).strip()} …"; cost = ntok(block) + 2
+            block = f"{head}\n{head_of(h.text, room).strip()} …"; cost = ntok(block) + 2
             if used + cost > max_tokens: break
         sources.setdefault(h.doc_id, dict(n=n, title=h.title, url=h.url, doc_id=h.doc_id))
         blocks.append(block); used += cost

@@ -92,6 +92,9 @@ class ServeParams(Section):
     bench_rates: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0], min_length=1,
                                      description="scheduler benchmark: Poisson arrival rates (requests/s), one run per rate and scheduler")
     bench_requests: int = Field(24, ge=2, description="scheduler benchmark: requests per rate")
+    bench_burst_requests: int = Field(64, ge=0, description="scheduler benchmark: requests sent all at once after the rates, "
+                                      "where any server saturates (0: no burst); more than a rate's, so the start and the "
+                                      "tail do not decide its throughput")
     bench_min_tokens: int = Field(4, gt=0, description="scheduler benchmark: fewest new tokens a request asks for")
     bench_max_tokens: int = Field(36, gt=0, description="scheduler benchmark: most new tokens a request asks for (each request's "
                                   "length is drawn uniformly between the two, seeded: answers differ in length)")
@@ -99,6 +102,9 @@ class ServeParams(Section):
 
     @model_validator(mode="after")
     def _check(self):
+        if max(self.bench_requests, self.bench_burst_requests) > self.max_queue:
+            raise ValueError(f"bench_requests ({self.bench_requests}) and bench_burst_requests ({self.bench_burst_requests}) must be "
+                             f"<= max_queue ({self.max_queue}): the benchmark sends them all at once at the top rate")
         if self.bench_min_tokens > self.bench_max_tokens:
             raise ValueError(f"bench_min_tokens ({self.bench_min_tokens}) must be <= bench_max_tokens ({self.bench_max_tokens})")
         if self.default_max_tokens > self.max_new_tokens:

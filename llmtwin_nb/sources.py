@@ -36,26 +36,14 @@ class Retriever(Protocol):
     def close(self) -> None: ...
 
 # %% ../nbs/06c_sources.ipynb #6284d677
-def _ntok(tokenizer, s: str) -> int:
-    return len(tokenizer(s, add_special_tokens=False)["input_ids"]) if tokenizer is not None else max(1, len(s) // 4)
-
 def assemble_context(sources: list[Source], budget_tokens: int, tokenizer=None) -> tuple[str, list[Source]]:
-    "A numbered context block within `budget_tokens` (LLM tokens; 4 characters a token without a tokenizer) and the sources kept."
-    parts, kept, used = [], [], 0
-    for s in sources:
-        head = f"[{len(kept) + 1}] {s.title}" + (f" ({s.url})" if s.url else "") + "\n"
-        room = budget_tokens - used - _ntok(tokenizer, head)
-        if room < 16: break
-        text = s.text
-        if _ntok(tokenizer, text) > room:        # cut on a word boundary to fit
-            words = text.split(); lo, hi = 0, len(words)
-            while lo < hi:
-                mid = (lo + hi + 1) // 2
-                if _ntok(tokenizer, " ".join(words[:mid])) <= room - 1: lo = mid
-                else: hi = mid - 1
-            text = " ".join(words[:lo]) + " …"
-        parts.append(head + text); kept.append(dataclasses.replace(s, n=len(kept) + 1)); used += _ntok(tokenizer, head + text) + 2
-    return "\n\n".join(parts), kept
+    """The numbered context of chapter 02 (`rag.assemble_context`: one number per document, within `budget_tokens` LLM
+    tokens, 4 characters a token without a tokenizer) and the sources kept, each with its citation number `n`."""
+    from llmtwin_nb.rag import Hit, assemble_context as assemble
+    hits = [Hit(s.id, s.doc_id or s.id, s.score, s.text, s.title, s.url, {}) for s in sources]
+    ctx, docs = assemble(hits, tokenizer, budget_tokens)
+    num = {d["doc_id"]: d["n"] for d in docs}
+    return ctx, [dataclasses.replace(s, n=num[h.doc_id]) for s, h in zip(sources, hits) if h.doc_id in num]
 
 class EmbeddingRetriever:
     "Cosine search over a few in-memory texts with a sentence embedder (demos and tests without a Qdrant index)."
@@ -119,11 +107,7 @@ class RagRetriever:
         return [Source(id=str(h.id), title=h.title, url=h.url, text=h.text, score=float(h.score), doc_id=h.doc_id,
                        author=(h.payload or {}).get("author"))
                 for h in self.impl.retrieve(query, k, filters=self.filters)]
-    def assemble_context(self, sources: list[Source], budget_tokens: int, tokenizer) -> tuple[str, list[Source]]:
-        hits = [self.rag.Hit(s.id, s.doc_id, s.score, s.text, s.title, s.url, {}) for s in sources]
-        ctx, docs = self.rag.assemble_context(hits, tokenizer, budget_tokens)
-        num = {d["doc_id"]: d["n"] for d in docs}
-        return ctx, [dataclasses.replace(s, n=num[s.doc_id]) for s in sources if s.doc_id in num]
+    def assemble_context(self, sources, budget_tokens, tokenizer=None): return assemble_context(sources, budget_tokens, tokenizer)
     def close(self): self._stack.close()
 
 # %% ../nbs/06c_sources.ipynb #c6bdf986

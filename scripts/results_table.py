@@ -26,7 +26,8 @@ TABLES = [
      [("feedback_records", "feedback records"), ("new_pairs", "new preference pairs"), ("new_sft_rows", "new SFT rows"),
       ("ab_max_abs_error", "A/B split max abs error"), ("drift_score", "drift score"), ("drift_flag", "drift flagged"), ("error_rate", "error rate")]),
     ("serve.json", "Serving", [("requests", "requests"), ("errors", "errors"), ("p50_ms", "p50 ms"), ("p95_ms", "p95 ms"), ("requests_per_s", "requests/s"), ("batching_speedup", "batching speed-up"),
-                               ("continuous_vs_static_throughput", "continuous / static throughput at saturation"), ("ttft_ms_p95", "TTFT p95 ms, continuous"),
+                               ("saturation_rate", "static saturates at (requests/s or burst)"),
+                               ("continuous_vs_static_throughput", "continuous / static throughput there"), ("ttft_ms_p95", "TTFT p95 ms, continuous"),
                                ("static_ttft_ms_p95", "TTFT p95 ms, static")]),
 ]
 

@@ -10,7 +10,7 @@ import httpx, openai, pytest
 from llmtwin_nb.core import ChatResult, ParamsError, load_embedder, load_llm, section_params
 from llmtwin_nb.api import StreamMasker, invalid_text
 from llmtwin_nb.engine import BatchEngine
-from llmtwin_nb.loadtest import load_test
+from llmtwin_nb.loadtest import compare_schedulers, load_test
 from llmtwin_nb.prompts import PromptRegistry, cited_numbers, find_injection
 from llmtwin_nb.routing import assign_variant
 from llmtwin_nb.serve import ServerThread, create_app
@@ -417,6 +417,8 @@ def test_variant_params_are_checked(tmp_path):
         section_params("serve", trace_path="logs/feedback.jsonl")
     with pytest.raises(ParamsError, match=r"bench_min_tokens \(40\) must be <= bench_max_tokens \(36\)"):
         section_params("serve", bench_min_tokens=40)
+    with pytest.raises(ParamsError, match=r"bench_burst_requests \(80\) must be <= max_queue \(64\)"):
+        section_params("serve", bench_burst_requests=80)
     assert section_params("serve").variant_refs() == {"main": "auto"} and section_params("serve").weights() == {"main": 1.0}
     with pytest.raises(FileNotFoundError, match="serve.prompts_dir"):
         create_app(section_params("serve", prompts_dir=str(tmp_path/"none")))
@@ -609,3 +611,17 @@ def test_a_failing_request_over_http_fails_alone_and_the_others_stream(served):
     assert all(s == 200 and lines[-1] == "data: [DONE]" and any('"finish_reason": "' in l for l in lines) for s, lines in ok), ok
     status, lines = res[1]                                   # it fails after its first piece (the status line is sent): an SSE error
     assert (status == 500 and "rivers" in " ".join(lines)) or (status == 200 and any("generation_failed" in l for l in lines)), res[1]
+
+
+def test_compare_schedulers_rates_then_a_burst(served):
+    "Both schedulers under one Poisson rate, then a burst sent all at once: every row answered, the headline read at a measured point."
+    eng, keep = served["state"].engine, served["state"].engine.scheduler
+    body = lambda i, n: {"model": "llmtwin", "max_tokens": n, "messages": [{"role": "user", "content": f"{PROMPTS[i % 3]} ({i})"}]}
+    rep = compare_schedulers(served["url"], eng, [body(i, 4 + i % 5) for i in range(4)], [8.0], seed=1,
+                             burst=[body(i, 4 + i % 7) for i in range(10)])
+    assert [(t["rate"], t["scheduler"]) for t in rep["schedulers_table"]] == [(8.0, "static"), (8.0, "continuous"),
+                                                                             ("burst", "static"), ("burst", "continuous")]
+    assert [t["requests"] for t in rep["schedulers_table"]] == [4, 4, 10, 10] and not any(t["errors"] for t in rep["schedulers_table"])
+    assert rep["saturation_rate"] in (8.0, "burst") and rep["continuous_vs_static_throughput"] > 0 and eng.scheduler == keep
+    no_burst = compare_schedulers(served["url"], eng, [body(i, 4) for i in range(3)], [8.0], seed=1)
+    assert no_burst["saturation_rate"] == 8.0 and len(no_burst["schedulers_table"]) == 2
