@@ -158,7 +158,9 @@ def select_prompts(rows: list[dict], min_chars: int = 100, max_train: int = 96, 
         if (why := keep_chosen(r["chosen"], min_chars)) is not None: report[why] = report.get(why, 0) + 1
     ok = [r for r in rows if keep_chosen(r["chosen"], min_chars) is None]
     deduped = dedup_rows(ok); report["duplicate"] = len(ok) - len(deduped)
-    clean, report["contaminated"] = decontaminate(deduped, evalsets or {}, ngram)
+    # only training pairs are decontaminated: a test pair overlapping an evaluation set is held out either way
+    clean, report["contaminated"] = decontaminate([r for r in deduped if r["split"] == "train"], evalsets or {}, ngram)
+    clean += [r for r in deduped if r["split"] != "train"]
     leak = {r["doc_id"] for r in clean if r["split"] == "train"} & {r["doc_id"] for r in clean if r["split"] == "test"}
     if leak: raise ValueError(f"documents {sorted(leak)[:5]} appear in both splits of the instruct dataset; it must be split by document")
     out = {}

@@ -141,6 +141,15 @@ class RunningBatch:
             for l in self.cache.layers: l.keys, l.values = l.keys[..., first:, :], l.values[..., first:, :]
             self.mask = self.mask[:, first:]
 
+    def take(self, k: int) -> tuple[list[DecodeRow], object, object]:
+        "The first `k` rows with their cache and mask (what `join` takes), moved out of this batch; the others stay."
+        n = len(self.rows)
+        if k >= n: out = (self.rows, self.cache, self.mask); self.keep([]); return out
+        moved = RunningBatch(self.model)
+        moved.rows, moved.cache, moved.mask = list(self.rows), copy.deepcopy(self.cache), self.mask
+        moved.keep(list(range(k))); self.keep(list(range(k, n)))
+        return moved.rows, moved.cache, moved.mask
+
 # %% ../nbs/06b_engine.ipynb #f5c0e55d
 class StaticScheduler:
     "Static batching (`serve.scheduler: static`): collect a batch, run one left-padded `generate` for it, answer all at once."
@@ -213,18 +222,27 @@ def _generate(self: StaticScheduler, jobs: list[GenJob]) -> list[ChatResult]:
 
 # %% ../nbs/06b_engine.ipynb #8bde9bc6
 class ContinuousScheduler:
-    """Continuous (iteration-level) batching, the default: every step, the waiting requests are prefilled together and join
-    the running batch; then one token is decoded for every row; a row that ends (end of sequence, its own `max_tokens`, or an
+    """Continuous (iteration-level) batching, the default: every step, free rows of the running batch are filled with
+    requests already prefilled (the waiting ones are prefilled together, a batch's worth at most, when too few are ready);
+    then one token is decoded for every row; a row that ends (end of sequence, its own `max_tokens`, or an
     error) leaves at once and its answer goes back. Greedy outputs equal unbatched greedy decoding of each request."""
 
 # %% ../nbs/06b_engine.ipynb #a7d83c84
 @patch
-def _admit(self: ContinuousScheduler, batch: RunningBatch):
-    "Take the waiting requests (while there is room), prefill them together, and merge the ones that go on into the batch."
+def _admit(self: ContinuousScheduler, batch: RunningBatch, ready: RunningBatch):
+    "Fill `batch`'s free rows from `ready` (prefilled requests), prefilling the waiting ones into `ready` first when it runs short."
+    free = self.max_batch_size - len(batch)
+    if len(ready) < free or not len(ready):
+        self._prefill_waiting(ready, self.max_batch_size - len(ready), idle=not len(batch) and not len(ready))
+    if free and len(ready): batch.join(*ready.take(min(free, len(ready))))
+
+@patch
+def _prefill_waiting(self: ContinuousScheduler, ready: RunningBatch, n: int, idle: bool):
+    "Take up to `n` waiting requests (`idle`: wait a little for the first), prefill them together, add the ones that go on to `ready`."
     import torch
     rows, prompts = [], []
-    while len(batch) + len(rows) < self.max_batch_size:
-        try: j = self._next(0.1 if not len(batch) and not rows else 0)   # idle: wait for work; busy: take what is there
+    while len(rows) < n:
+        try: j = self._next(0.1 if idle and not rows else 0)   # idle: wait for work; busy: take what is there
         except queue.Empty: break
         if not j.future.set_running_or_notify_cancel(): continue
         try:
@@ -240,20 +258,14 @@ def _admit(self: ContinuousScheduler, batch: RunningBatch):
     if not rows: return
     t0 = time.perf_counter()
     try:
-        with torch.inference_mode(): cache, mask, logits = batch.prefill(prompts)
+        with torch.inference_mode(): cache, mask, logits = ready.prefill(prompts)
     except Exception as e:                      # the shared prefill broke: each newcomer fails (the running rows go on)
         for r in rows: self._fail(r.job, e)
         return
     finally: self.prefill_seconds += time.perf_counter() - t0     # the running rows wait meanwhile
-    keep = [i for i, (r, lg) in enumerate(zip(rows, logits)) if self._advance(r, lg, "prefill")]
-    if len(keep) < len(rows):
-        if not keep: return
-        t = torch.tensor(keep, device=mask.device); cache.batch_select_indices(t); mask = mask[t]
-        first = int(mask.any(0).long().argmax())
-        if first:
-            for l in cache.layers: l.keys, l.values = l.keys[..., first:, :], l.values[..., first:, :]
-            mask = mask[:, first:]
-    batch.join([rows[i] for i in keep], cache, mask)
+    group = RunningBatch(self.model); group.rows, group.cache, group.mask = rows, cache, mask
+    group.keep([i for i, (r, lg) in enumerate(zip(rows, logits)) if self._advance(r, lg, "prefill")])
+    if len(group): ready.join(group.rows, group.cache, group.mask)
 
 # %% ../nbs/06b_engine.ipynb #7d4fde3c
 @patch
@@ -289,9 +301,9 @@ def _fail(self: ContinuousScheduler, j: GenJob, e: Exception):
 @patch
 def _loop_continuous(self: ContinuousScheduler):
     import torch
-    batch = RunningBatch(self.model)
+    batch, ready = RunningBatch(self.model), RunningBatch(self.model)
     while not self._stop.is_set():
-        self._admit(batch)
+        self._admit(batch, ready)
         if not len(batch): continue
         t0 = time.perf_counter()
         try:
@@ -303,7 +315,7 @@ def _loop_continuous(self: ContinuousScheduler):
         keep = [i for i, (r, lg) in enumerate(zip(batch.rows, logits)) if self._advance(r, lg, "decode")]
         self._count(len(batch), time.perf_counter() - t0, requests=0)
         batch.keep(keep)
-    for r in batch.rows: self._fail(r.job, RuntimeError("the engine stopped"))
+    for r in batch.rows + ready.rows: self._fail(r.job, RuntimeError("the engine stopped"))
 
 # %% ../nbs/06b_engine.ipynb #bbd35682
 class UpstreamDispatch:

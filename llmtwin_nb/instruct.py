@@ -322,14 +322,17 @@ def _curate(items, cfg, rep: Counter) -> list[tuple]:
     rep["dropped_near_duplicate"] = len(drop)
     return [x for i, x in enumerate(keep) if i not in drop]
 
-def _decontaminate(keep, budget: set, evalsets: dict | None, cfg) -> tuple[list, list[bool], Counter]:
-    "The items sharing no n-gram with an evaluation set, whether each is in the LLM `budget`, and the count dropped per set."
+def _decontaminate(keep, budget: set, evalsets: dict | None, cfg, rep: Counter) -> tuple[list, list[bool], Counter]:
+    """The items that may be used: every test item, and the train items sharing no n-gram with an evaluation set; whether
+    each is in the LLM `budget`; the count dropped per set. Decontamination keeps the answer key out of *training*: a test
+    extract that overlaps another evaluation set is held out either way, so it is counted, not dropped."""
     dc = Decontaminator(evalsets or {}, cfg.decontam_ngram)
     contaminated, clean, use_llm = Counter(), [], []
     for i, it in enumerate(keep):
         m = dc.match(it[1])
-        if m: contaminated[m[0]] += 1
-        else: clean.append(it); use_llm.append(i in budget)
+        if m and (_get(it[0], "split") or "train") == "train": contaminated[m[0]] += 1; continue
+        if m: rep["test_overlapping_evalsets"] += 1
+        clean.append(it); use_llm.append(i in budget)
     return clean, use_llm, contaminated
 
 # %% ../nbs/03_instruct.ipynb #431b673b
@@ -392,7 +395,7 @@ def build_instruct_dataset(docs, tokenizer, cfg, backend=None, evalsets: dict | 
     # the LLM budget is drawn (seeded) before decontamination, so adding an evaluation set never reshuffles it
     order = list(range(len(keep))); random.Random(seed).shuffle(order)
     budget = set(order[:cfg.max_llm_calls]) if backend is not None else set()
-    clean, use_llm, contaminated = _decontaminate(keep, budget, evalsets, cfg)
+    clean, use_llm, contaminated = _decontaminate(keep, budget, evalsets, cfg, rep)
     rep["dropped_contaminated"] = sum(contaminated.values())
     if cfg.generation == "book" and backend is not None:
         gen = _generate_book(clean, backend, cfg, seed, log)
@@ -407,7 +410,7 @@ def build_instruct_dataset(docs, tokenizer, cfg, backend=None, evalsets: dict | 
                   instruction_source_counts=dict(src), generation=cfg.generation, task_mix=cfg.task_mix,
                   backend=getattr(backend, "name", None), seed=seed, decontam_ngram=cfg.decontam_ngram, max_llm_calls=cfg.max_llm_calls,
                   test_task_list=list(cfg.test_tasks), test_tasks=dict(Counter(r["instruction_source"] for r in rows["test"])),
-                  test_task_dropped=rep["test_task_dropped"])
+                  test_task_dropped=rep["test_task_dropped"], test_overlapping_evalsets=rep["test_overlapping_evalsets"])
     ds = DatasetDict({s: Dataset.from_list(r) if r else Dataset.from_dict({}) for s, r in rows.items()})
     return ds, report
 
@@ -462,7 +465,8 @@ def write_dataset_card(ds, report: dict, path: str | Path, n_examples: int = 3) 
         lines.append(f"| {k} | {report.get(k, 0)} |")
     ev = report.get("evalsets") or {}
     lines += ["", "## Decontamination", "",
-              (f"Word {report.get('decontam_ngram', '')}-gram overlap against: " + ", ".join(f"`{k}` ({v} items, {report['contaminated_by'].get(k, 0)} extracts dropped)" for k, v in ev.items()))
+              (f"Word {report.get('decontam_ngram', '')}-gram overlap against: " + ", ".join(f"`{k}` ({v} items, {report['contaminated_by'].get(k, 0)} train extracts dropped)" for k, v in ev.items())
+               + f"; {report.get('test_overlapping_evalsets', 0)} test extracts overlap them and are kept (held out either way).")
               if ev else "No evaluation sets were present under `artifacts/evalsets/` when this dataset was built.",
               "", "## Instruction sources", "", "| source | fraction | rows |", "|---|---|---|"]
     for k, v in report["instruction_source"].items(): lines.append(f"| {k} | {v} | {report['instruction_source_counts'][k]} |")

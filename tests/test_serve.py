@@ -574,6 +574,23 @@ def test_continuous_batching_equals_unbatched_greedy_with_staggered_arrivals(eng
     assert max(e.batch_sizes) > 1 and len(e.batch_sizes) > 1, dict(e.batch_sizes)   # rows joined and left the running batch
 
 
+def test_a_full_batch_prefills_the_next_newcomers_together(engines, served, monkeypatch):
+    "Continuous: with the batch full, the waiting requests are prefilled ahead in one group, not one at each free row."
+    import copy
+    from llmtwin_nb.engine import RunningBatch
+    _, refs = engines
+    sizes, real = [], RunningBatch.prefill
+    monkeypatch.setattr(RunningBatch, "prefill", lambda self, prompts: (sizes.append(len(prompts)), real(self, prompts))[1])
+    e = BatchEngine(served["model"], copy.deepcopy(served["tok"]), max_batch_size=2, scheduler="continuous")
+    prompts, lens = PROMPTS[1:] + PROMPTS[1:3], [3, 9, 5, 12, 4, 8]
+    futs = [e.submit([{"role": "user", "content": p}], n) for p, n in zip(prompts, lens)]   # all waiting before the worker starts
+    e.start()
+    try: res = [f.result(timeout=120) for f in futs]
+    finally: e.stop()
+    for p, n, r in zip(prompts, lens, res): assert r.token_ids == refs[p][:n], p
+    assert sizes == [2, 2, 2], sizes          # one row at a time would prefill [2, 1, 1, 1, 1]
+
+
 @pytest.mark.parametrize("scheduler,phase", [("continuous", "decode"), ("continuous", "prefill"), ("static", "prefill")])
 def test_a_failing_request_fails_alone(engines, scheduler, phase):
     eng, refs = engines
