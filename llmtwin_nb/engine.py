@@ -231,10 +231,10 @@ class ContinuousScheduler:
 @patch
 def _admit(self: ContinuousScheduler, batch: RunningBatch, ready: RunningBatch):
     "Fill `batch`'s free rows from `ready` (prefilled requests), prefilling the waiting ones into `ready` first when it runs short."
-    free = self.max_batch_size - len(batch)
-    if len(ready) < free or not len(ready):
+    free = lambda: max(0, self.max_batch_size - len(batch))   # 0 when `max_batch_size` was just lowered below the batch
+    if len(ready) < free() or not len(ready):
         self._prefill_waiting(ready, self.max_batch_size - len(ready), idle=not len(batch) and not len(ready))
-    if free and len(ready): batch.join(*ready.take(min(free, len(ready))))
+    if k := min(free(), len(ready)): batch.join(*ready.take(k))                # free rows read again: the prefill took a while
 
 @patch
 def _prefill_waiting(self: ContinuousScheduler, ready: RunningBatch, n: int, idle: bool):

@@ -591,6 +591,21 @@ def test_a_full_batch_prefills_the_next_newcomers_together(engines, served, monk
     assert sizes == [2, 2, 2], sizes          # one row at a time would prefill [2, 1, 1, 1, 1]
 
 
+def test_lowering_max_batch_size_under_a_running_batch(engines, served):
+    "Continuous: `max_batch_size` lowered below the running batch (as chapter 07's one-by-one run does): it drains, all answered."
+    import copy
+    _, refs = engines
+    e = BatchEngine(served["model"], copy.deepcopy(served["tok"]), max_batch_size=8, scheduler="continuous")
+    def lower(j, phase):
+        if phase == "decode": e.max_batch_size = 1                   # in the worker, right after 8 rows joined
+    e.fault = lower
+    futs = [e.submit([{"role": "user", "content": p}], 10) for p in PROMPTS * 2]   # 10 waiting before the worker starts
+    e.start()
+    try: res = [f.result(timeout=120) for f in futs]
+    finally: e.stop()
+    for p, r in zip(PROMPTS * 2, res): assert r.token_ids == refs[p][:10], p
+
+
 @pytest.mark.parametrize("scheduler,phase", [("continuous", "decode"), ("continuous", "prefill"), ("static", "prefill")])
 def test_a_failing_request_fails_alone(engines, scheduler, phase):
     eng, refs = engines
